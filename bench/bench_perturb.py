@@ -1,0 +1,142 @@
+"""Per-step perturbation cost: fused kernels (3 passes) vs the reference MeZO loop (4 passes).
+
+One MeZO step touches the weights with +eps, -2eps, +eps (restore) and -lr*g*z. The reference implementation does
+each pass as ``torch.manual_seed`` then, per tensor, ``torch.normal`` + add: 4 unfused passes. Ours is 3 fused
+passes: perturb(+eps), perturb(-eps), restore+update.
+
+Usage:  python bench/bench_perturb.py [--device cpu|cuda] [--reps N] [--results bench/RESULTS.md]
+Writes bench/out/perturb_<device>.csv and replaces the matching section of RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mezo_kernels as mk  # noqa: E402
+from results import replace_section  # noqa: E402
+from tensor_sets import make, tensor_sets  # noqa: E402
+
+EPS, LR, G = 1e-3, 1e-6, 0.5
+
+
+def timer(device: torch.device):
+    """Returns f(fn, reps) -> list of seconds per call (device events on CUDA, perf_counter on the CPU)."""
+    def run(fn, reps):
+        for _ in range(2):
+            fn()
+        out = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(); fn(); b.record(); b.synchronize()
+                out.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter(); fn(); out.append(time.perf_counter() - t0)
+        return out
+    return run
+
+
+def reference_step(params, seed: int) -> None:
+    """The reference MeZO loop: 4 passes of manual_seed + per-tensor normal + add."""
+    for scale in (EPS, -2 * EPS, EPS, -LR * G):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z
+
+
+def fused_step(ps: mk.ParamSet, seed: int) -> None:
+    ps.perturb_(seed, EPS).perturb_(seed, -EPS).restore_update_(seed, LR, G)
+
+
+def copy_bandwidth(device: torch.device, run, reps: int) -> float:
+    """Bytes read + written per second by a large device copy (the ceiling the kernels are held to)."""
+    n = 2**24 if device.type == "cpu" else 2**28
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    return 2 * 4 * n / statistics.median(run(lambda: dst.copy_(src), reps))
+
+
+def step_bytes(ps: mk.ParamSet) -> int:
+    """Fewest bytes a fused step must move: each pass reads and writes each weight (masters where kept)."""
+    total = 0
+    for t, m in zip(ps.tensors, ps.masters()):
+        b, n = t.element_size(), t.numel()
+        # plain: 3 x (read + write); master: 2 x (read m, write d) + (read m, write m, write d)
+        total += 3 * 2 * b * n if m is None else n * (2 * (4 + b) + (8 + b))
+    return total
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--sets", default="", help="comma-separated subset of tensor-set names")
+    ap.add_argument("--backends", default="", help="comma-separated backends (default: every kernel backend "
+                    "present; the pure-torch fallback only when named)")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    run = timer(device)
+    bw = copy_bandwidth(device, run, args.reps)
+    present = [n for n, why in mk.backends(device).items() if why is None]
+    present = args.backends.split(",") if args.backends else [
+        n for n in present if n != "torch" and not (n == "triton" and device.type == "cpu")]  # interpreter: not a speed
+    rows = []
+    for name, shapes in tensor_sets(device).items():
+        if args.sets and name not in args.sets.split(","):
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            params = make(shapes, dtype, device)
+            ref = run(lambda: reference_step(params, 1), max(3, args.reps // 3))
+            ref_ms = statistics.median(ref) * 1e3
+            rows.append(dict(set=name, tensors=len(shapes), numel=sum(p.numel() for p in params),
+                             dtype=str(dtype).split(".")[1], method="reference-loop", passes=4, launches="",
+                             ms=ref_ms, ms_min=min(ref) * 1e3, ms_max=max(ref) * 1e3, gbps="", pct_copy="",
+                             speedup=1.0))
+            for backend in present:
+                ps = mk.ParamSet(params, backend=backend)
+                l0 = ps.launches
+                fused_step(ps, 0)
+                launches = (ps.launches - l0) // 3
+                ts = run(lambda: fused_step(ps, 2), args.reps)
+                med = statistics.median(ts)
+                gbps = step_bytes(ps) / med / 1e9
+                rows.append(dict(set=name, tensors=len(shapes), numel=ps.numel, dtype=str(dtype).split(".")[1],
+                                 method=f"fused-{backend}" + ("+master" if ps.exact_restore else ""), passes=3,
+                                 launches=launches, ms=med * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3,
+                                 gbps=round(gbps, 2), pct_copy=round(100 * gbps * 1e9 / bw, 1),
+                                 speedup=round(ref_ms / (med * 1e3), 2)))
+            print(*(f"{r['set']:>26} {r['dtype']:>8} {r['method']:>20} {r['ms']:9.3f} ms  x{r['speedup']}"
+                    for r in rows[-1 - len(present):]), sep="\n", flush=True)
+            del params
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, f"perturb_{device.type}.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(); w.writerows(rows)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    head = (f"Command: `python bench/bench_perturb.py --device {device.type} --reps {args.reps}`  \n"
+            f"Device: {label}; torch {torch.__version__}; date {datetime.date.today()}  \n"
+            f"Copy bandwidth (read+write) measured on this device: {bw / 1e9:.1f} GB/s. "
+            f"Times are the median over {args.reps} steps (reference: {max(3, args.reps // 3)}), spread min..max.\n\n"
+            "| set | tensors | elements | dtype | method | passes | launches/pass | median ms | spread ms | GB/s | % copy BW | speedup vs ref |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r['set']} | {r['tensors']} | {r['numel']} | {r['dtype']} | {r['method']} | {r['passes']} | "
+                   f"{r['launches']} | {r['ms']:.3f} | {r['ms_min']:.3f}..{r['ms_max']:.3f} | {r['gbps']} | "
+                   f"{r['pct_copy']} | {r['speedup']} |\n" for r in rows)
+    replace_section(args.results, f"perturb-{device.type}", head + body)
+    print(f"wrote {csv_path} and section perturb-{device.type} of {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The perturbation stream, in pure PyTorch: the reference every backend is tested against.
+
+This module *is* ``shared/docs/rng_spec.md`` in code. It imports nothing else from the package.
+
+- Philox4x32-10 (Random123) with key = (seed lo32, seed hi32) and counter = (k lo32, k hi32, 0, 0).
+- Uniform as Triton's ``uint_to_uniform_float``: ``x = int32(w); x = ~x if x < 0; u = fp32(x) * 2**-31``-ish
+  (the fp32 constant with bits 0x2FFFFFFF), one rounding each.
+- randn4x: two Box-Muller pairs per counter; ``z[g] = n[g & 3]`` at counter ``k = g >> 2``.
+- The one update op: ``theta <- round(fma(z, beta, alpha * theta))`` in fp32.
+
+PyTorch has no uint64, so every 32-bit word lives in an int64 tensor, and each 32x32-bit product is split into
+16-bit halves of the constant so that no partial product reaches 2**63.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "SEED_MAX", "check_seed", "split_seed", "philox4x32_10", "philox_words", "uniform",
+    "normal", "normal_f64", "default_bases", "fma_update",
+]
+
+SEED_MAX = 2**64 - 1
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57          # round multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85          # key schedule (golden ratio, sqrt(3)-1)
+_MASK32 = 0xFFFFFFFF
+# bitcast<float32>(0x2FFFFFFF) = 4.6566126e-10, just under 2**-31: keeps u strictly below 1.
+_UNIFORM_SCALE = struct.unpack("<f", struct.pack("<I", 0x2FFFFFFF))[0]
+_TWO_PI_F32 = struct.unpack("<f", struct.pack("<f", 6.2831855))[0]
+_U_MIN_F32 = struct.unpack("<f", struct.pack("<f", 1e-7))[0]
+_TORCH_CHUNK = 1 << 20                     # elements per slab in normal(): bounds temporary memory
+
+
+def check_seed(seed: object) -> int:
+    """Return ``seed`` as a Python int in [0, 2**64); negative int64 seeds map to their two's complement."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+    if -(2**63) <= seed < 0:
+        seed += 2**64
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be in [0, 2**64) (or a negative int64), got {seed}")
+    return seed
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """(key0, key1) = (low 32 bits, high 32 bits) of the uint64 seed."""
+    seed = check_seed(seed)
+    return seed & _MASK32, seed >> 32
+
+
+def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of m * c for a 32-bit constant m and int64 tensor c holding uint32 values."""
+    a = c * (m & 0xFFFF)                    # < 2**48
+    b = c * (m >> 16)                       # < 2**48
+    t = a + ((b & 0xFFFF) << 16)            # low 48 bits of the full product, plus a carry into bit 32+
+    return (b >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32_10(k0: int, k1: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+                  c3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on int64 tensors holding uint32 counter words (broadcastable); key (k0, k1) as ints."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M1, c2)
+        hi1, lo1 = _mulhilo(_M0, c0)
+        c0, c1, c2, c3 = hi0 ^ c1 ^ k0, lo0, hi1 ^ c3 ^ k1, lo1
+        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_words(seed: int, k: torch.Tensor) -> torch.Tensor:
+    """Words for counters ``k`` (int64 tensor, values in [0, 2**63)): int64 tensor of shape ``k.shape + (4,)``."""
+    key0, key1 = split_seed(seed)
+    if k.dtype != torch.int64:
+        raise TypeError(f"counters must be int64, got {k.dtype}")
+    zero = torch.zeros_like(k)
+    w = philox4x32_10(key0, key1, k & _MASK32, k >> 32, zero, zero)
+    return torch.stack(w, dim=-1)
+
+
+def uniform(w: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1 - 2**-24] from int64 tensors holding uint32 words (bit-exact with Triton)."""
+    x = torch.where(w >= 2**31, _MASK32 - w, w)   # int32 view, then ~x for negatives
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _box_muller(w: torch.Tensor) -> torch.Tensor:
+    """[..., 4] words -> [..., 4] float32 normals. Clamp and angle in fp32, the rest in float64 (spec)."""
+    u = uniform(w)
+    u1 = torch.clamp_min(u[..., 0::2], _U_MIN_F32)                          # u1, u2
+    th = u[..., 1::2] * torch.tensor(_TWO_PI_F32, dtype=torch.float32)      # th1, th2 (fp32 product)
+    r = torch.sqrt(-2.0 * torch.log(u1.double()))
+    th = th.double()
+    n = torch.stack((r * torch.cos(th), r * torch.sin(th)), dim=-1)          # [..., 2 pairs, (cos, sin)]
+    return n.reshape(*w.shape[:-1], 4)
+
+
+def normal_f64(seed: int, base: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """z[base : base + n] as float64 (the spec's comparison reference: fp32 clamp and angle, float64 rest)."""
+    return _normal(seed, base, n, device, torch.float64)
+
+
+def normal(seed: int, base: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """z[base : base + n] as float32: the float64 evaluation rounded once. Shape ``[n]``."""
+    return _normal(seed, base, n, device, torch.float32)
+
+
+def _normal(seed, base, n, device, dtype) -> torch.Tensor:
+    seed = check_seed(seed)
+    if base < 0 or n < 0:
+        raise ValueError(f"base and n must be >= 0, got base={base}, n={n}")
+    out = torch.empty(n, dtype=dtype, device=device)
+    for lo in range(0, n, _TORCH_CHUNK):
+        hi = min(n, lo + _TORCH_CHUNK)
+        k0, k1 = (base + lo) >> 2, (base + hi - 1) >> 2
+        k = torch.arange(k0, k1 + 1, dtype=torch.int64, device=out.device)
+        z = _box_muller(philox_words(seed, k)).reshape(-1)
+        off = (base + lo) & 3
+        out[lo:hi] = z[off:off + hi - lo].to(dtype)
+    return out
+
+
+def default_bases(numels: Iterable[int]) -> list[int]:
+    """Running sum of ``numel`` with every base rounded up to a multiple of 4 (so tensors start on a counter)."""
+    bases, nxt = [], 0
+    for n in numels:
+        bases.append(nxt)
+        nxt = (nxt + int(n) + 3) & ~3
+    return bases
+
+
+def fma_update(x: torch.Tensor, z: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``fma(z, beta, alpha * x)`` in fp32 (alpha, beta rounded to fp32), returned as float32.
+
+    alpha*x is an fp32 product; z*beta is exact in float64 (24+24 bits) and the float64 sum is rounded to fp32,
+    which equals a true fp32 fma except in the rare double-rounding tie (tests allow 1 ulp)."""
+    a32 = torch.tensor(alpha, dtype=torch.float32)
+    b32 = torch.tensor(beta, dtype=torch.float32, device=z.device).double()
+    ax = x.float() * a32.to(x.device)
+    return (z.double() * b32 + ax.double()).float()
+
+
+def words_table(seed: int, ks: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Python-int words for a few counters: a convenience for known-answer tests and docs."""
+    w = philox_words(seed, torch.tensor(list(ks), dtype=torch.int64))
+    return [tuple(int(v) for v in row) for row in w]

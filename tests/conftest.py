@@ -1,0 +1,42 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before triton is first imported (it is read when @triton.jit
+decorates), so that CI, which has no GPU, runs the Triton kernels through the interpreter."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("MEZO_BACKEND", None)  # the tests choose backends explicitly
+
+from mezo_kernels.dispatch import NAMES, unavailable_reason  # noqa: E402
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def present_backends() -> list[str]:
+    return [n for n in NAMES if unavailable_reason(n, DEVICE) is None]
+
+
+def backend_params():
+    """Every backend, with the missing ones shown as skips that say why."""
+    out = []
+    for n in NAMES:
+        why = unavailable_reason(n, DEVICE)
+        out.append(pytest.param(n, marks=pytest.mark.skip(reason=why)) if why else n)
+    return out
+
+
+def guarded(n: int, dtype: torch.dtype, guard: int = 67, fill: float = float("nan")):
+    """A length-n view in the middle of a NaN-poisoned buffer: (buffer, view). Guards must stay poisoned."""
+    buf = torch.full((n + 2 * guard,), fill, dtype=dtype, device=DEVICE)
+    return buf, buf[guard:guard + n]
+
+
+def guards_intact(buf: torch.Tensor, n: int, guard: int = 67) -> bool:
+    g = torch.cat((buf[:guard], buf[guard + n:]))
+    return bool(torch.isnan(g).all())
+
+
+# explicit (atol, rtol) per dtype: one rounding of the result, plus the spec's 1e-6 on z scaled by |beta|
+TOL = {torch.float32: (1e-6, 2.4e-7), torch.float16: (1e-3, 9.8e-4), torch.bfloat16: (8e-3, 7.9e-3)}

@@ -1,0 +1,206 @@
+"""ParamSet and fill_normal_ on every backend present, against the spec module (mezo_kernels.rng)."""
+import pytest
+import torch
+
+import mezo_kernels as mk
+from mezo_kernels import rng
+from conftest import DEVICE, TOL, backend_params, guarded, guards_intact
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [1, 3, 17, 4097]
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item()) * 4 + 3   # large, odd: exercises both key words
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fill_normal_matches_spec(backend, n, dtype):
+    seed, base = fresh_seed(), int(torch.randint(0, 2**40, (1,)))
+    buf, t = guarded(n, dtype)
+    mk.fill_normal_(t, seed, base, backend=backend)
+    ref = rng.normal_f64(seed, base, n, DEVICE)
+    if dtype == torch.float32:
+        torch.testing.assert_close(t.double(), ref, atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(t, ref.to(dtype), atol=0, rtol=TOL[dtype][1])
+    assert guards_intact(buf, n), "a kernel wrote outside its tensor"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_axpby_matches_reference_multi_tensor(backend, dtype):
+    seed, alpha, beta = fresh_seed(), 0.875, 3e-2
+    bufs, views = zip(*(guarded(n, dtype) for n in SIZES))
+    for v in views:
+        v.copy_(torch.randn(v.shape, device=DEVICE))
+    before = [v.clone() for v in views]
+    ps = mk.ParamSet(list(views), backend=backend, exact_restore=False)
+    ps.axpby_(seed, alpha, beta)
+    atol, rtol = TOL[dtype]
+    for b, v, base, buf, n in zip(before, views, ps.bases, bufs, SIZES):
+        expect = rng.fma_update(b, rng.normal(seed, base, n, DEVICE), alpha, beta).to(dtype)
+        torch.testing.assert_close(v, expect, atol=atol + abs(beta) * 2e-6, rtol=rtol)
+        assert guards_intact(buf, n)
+    assert ps.launches == 1
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("block", [1, 3, 17, 4097])
+def test_partition_invariance(backend, block):
+    """One flat tensor equals its elements split into many tensors with matching (unaligned) bases."""
+    n, seed, base0 = 9001, fresh_seed(), 5
+    flat = torch.randn(n, device=DEVICE)
+    parts = [p.clone() for p in flat.split(block)]
+    bases = [base0 + i * block for i in range(len(parts))]
+    mk.ParamSet([flat], bases=[base0], backend=backend).axpby_(seed, 1.0, 0.5)
+    mk.ParamSet(parts, bases=bases, backend=backend).axpby_(seed, 1.0, 0.5)
+    assert torch.equal(torch.cat(parts), flat)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_repeatable_bit_for_bit(backend):
+    x = torch.randn(4097, device=DEVICE).bfloat16()
+    outs = []
+    for _ in range(2):
+        y = [x.clone(), x.float().clone()]
+        ps = mk.ParamSet(y, backend=backend)
+        ps.perturb_(123, 1e-2).perturb_(123, -1e-2)
+        ps.restore_update_(123, lr=1e-3, grad=2.5, weight_decay=0.1)
+        outs.append(y)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_mezo_step_math(backend):
+    """+eps, -eps, fused restore+update equals (1 - lr*wd)*theta - lr*g*z."""
+    seed, eps, lr, g, wd = fresh_seed(), 1e-2, 1e-2, 3.0, 0.5
+    theta = torch.randn(1001, device=DEVICE)
+    x = theta.clone()
+    ps = mk.ParamSet([x], backend=backend)
+    ps.perturb_(seed, eps)
+    torch.testing.assert_close(x, theta + eps * rng.normal(seed, 0, 1001, DEVICE), atol=2e-7, rtol=2e-7)
+    ps.perturb_(seed, -eps)
+    ps.restore_update_(seed, lr, g, wd)
+    expect = (1 - lr * wd) * theta - lr * g * rng.normal(seed, 0, 1001, DEVICE)
+    torch.testing.assert_close(x, expect, atol=1e-6, rtol=1e-6)
+    assert ps.perturbation is None
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_restore_1000_cycles(backend, dtype):
+    cycles = 1000 if backend != "triton" else 50     # the Triton interpreter runs ~1 ms per program
+    x = torch.randn(3, 17, device=DEVICE).to(dtype)
+    y = torch.randn(4097, device=DEVICE).to(dtype)
+    x0, y0 = x.clone(), y.clone()
+    ps = mk.ParamSet([x, y], backend=backend)
+    assert ps.exact_restore
+    for c in range(cycles):
+        ps.perturb_(c, 1e-2).perturb_(c, -1e-2).restore_()
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    # the perturbed view is round(master + eps*z): one rounding, never accumulated
+    ps.perturb_(9, 1e-2)
+    expect = rng.fma_update(y0.float(), rng.normal(9, ps.bases[1], 4097, DEVICE), 1.0, 1e-2).to(dtype)
+    assert torch.equal(y, expect) or torch.allclose(y.float(), expect.float(), rtol=TOL[dtype][1], atol=0)
+    ps.restore_()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_dtype_groups_share_one_stream(backend):
+    """z depends on the global index only: a bf16 tensor sees the same z as an fp32 one at the same base."""
+    a, b = torch.zeros(17, device=DEVICE), torch.zeros(17, device=DEVICE, dtype=torch.bfloat16)
+    ps = mk.ParamSet([a, b], bases=[8, 8], backend=backend, exact_restore=False)
+    ps.axpby_(5, 1.0, 1.0)
+    assert ps.launches == 2    # one per dtype group
+    assert torch.equal(a.bfloat16(), b)
+
+
+def test_perturbed_context_restores_on_error():
+    x = torch.randn(33)
+    x0 = x.clone()
+    ps = mk.ParamSet([x], exact_restore=True)
+    with pytest.raises(ZeroDivisionError):
+        with ps.perturbed(1, 0.1):
+            assert not torch.equal(x, x0)
+            1 / 0
+    assert torch.equal(x, x0) and ps.perturbation is None
+
+
+def test_storage_replacement_is_noticed():
+    p = torch.nn.Parameter(torch.zeros(8))
+    ps = mk.ParamSet([p], backend="torch")
+    p.data = torch.zeros(8)
+    ps.axpby_(1, 1.0, 1.0)                       # rebuilt: the new storage is the one updated
+    assert torch.equal(p.data, rng.normal(1, 0, 8))
+    ps.perturb_(2, 0.1)
+    p.data = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="replaced"):
+        ps.restore_()
+
+
+def test_version_and_state_guards():
+    x = torch.randn(5)
+    ps = mk.ParamSet([x], backend="torch")
+    v = ps.version
+    ps.perturb_(3, 0.1)
+    assert ps.version == v + 1
+    with pytest.raises(RuntimeError, match="restore"):
+        ps.axpby_(3, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="seed 3"):
+        ps.perturb_(4, 0.1)
+    ps.restore_()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        mk.ParamSet([])
+    with pytest.raises(ValueError, match="not contiguous"):
+        mk.ParamSet([torch.randn(4, 3).t()])
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        mk.ParamSet([torch.randn(4, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        mk.ParamSet([torch.arange(4)])
+    with pytest.raises(ValueError, match="mixed devices"):
+        mk.ParamSet([torch.randn(4), torch.randn(4, device="meta")])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        mk.ParamSet([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="requires_grad"):
+        mk.ParamSet([("w", torch.nn.Parameter(torch.randn(3), requires_grad=False))], require_grad=True)
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="twice"):
+        mk.ParamSet([x, x])
+    with pytest.raises(ValueError, match="bases"):
+        mk.ParamSet([x], bases=[0, 4])
+    with pytest.raises(ValueError, match="bases"):
+        mk.ParamSet([x], bases=[-4])
+    ps = mk.ParamSet([x])
+    with pytest.raises(ValueError, match="seed"):
+        ps.axpby_(2**64, 1.0, 1.0)
+    with pytest.raises(TypeError, match="seed"):
+        ps.perturb_(0.5, 1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        mk.ParamSet([x], backend="fast")
+    with pytest.raises(ValueError, match="base"):
+        mk.fill_normal_(torch.empty(3), 0, base=-1)
+    with pytest.raises(ValueError, match="not contiguous"):
+        mk.fill_normal_(torch.empty(4, 3).t(), 0)
+
+
+def test_env_var_overrides_backend(monkeypatch):
+    monkeypatch.setenv("MEZO_BACKEND", "torch")
+    assert mk.ParamSet([torch.randn(3)], backend="auto").backend == "torch"
+    monkeypatch.setenv("MEZO_BACKEND", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="MEZO_BACKEND"):
+            mk.ParamSet([torch.randn(3)])
+
+
+def test_backends_lists_every_name_with_a_reason():
+    b = mk.backends()
+    assert set(b) == {"triton", "cuda", "cpu", "torch"}
+    assert b["torch"] is None
+    assert all(v is None or (isinstance(v, str) and v) for v in b.values())
