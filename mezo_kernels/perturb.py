@@ -168,9 +168,14 @@ class ParamSet:
         return [out.get(t.data_ptr()) for t in self._tensors]
 
     # ------------------------------------------------------------------------------------------- operations
-    def _run(self, seed: int, alpha: float, beta: float, gamma: float, plain_mode: int, master_mode: int) -> None:
+    def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float], master_mode: int) -> None:
+        """One launch per group: plain groups get AXPBY(alpha, beta); master groups ``master_mode`` with
+        (alpha, beta, gamma) -- the two differ because masters are never perturbed."""
         for g in self._groups:
-            self._backend.launch(g, seed, alpha, beta, gamma, master_mode if g.masters else plain_mode)
+            if g.masters:
+                self._backend.launch(g, seed, *master, master_mode)
+            else:
+                self._backend.launch(g, seed, plain[0], plain[1], 0.0, _bk.AXPBY)
             self.launches += 1
         self.version += 1
 
@@ -184,7 +189,8 @@ class ParamSet:
         seed = self._prepare(seed)
         if self._active is not None:
             raise RuntimeError(f"axpby_ while perturbed by seed {self._active[0]}: restore_() first")
-        self._run(seed, float(alpha), float(beta), 0.0, _bk.AXPBY, _bk.MASTER_UPDATE)
+        ab = (float(alpha), float(beta))
+        self._run(seed, ab, (*ab, 0.0), _bk.MASTER_UPDATE)
         return self
 
     def perturb_(self, seed: int, offset: float) -> "ParamSet":
@@ -195,7 +201,7 @@ class ParamSet:
             if self._active[0] != seed:
                 raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}: restore_() first")
             cur = self._active[1]
-        self._run(seed, 1.0, float(offset) - cur, float(offset), _bk.AXPBY, _bk.MASTER_VIEW)
+        self._run(seed, (1.0, float(offset) - cur), (1.0, 0.0, float(offset)), _bk.MASTER_VIEW)
         self._active = (seed, float(offset))
         return self
 
@@ -204,7 +210,7 @@ class ParamSet:
         if self._active is not None:
             seed, cur = self._active
             self._check_storage()
-            self._run(seed, 1.0, -cur, 0.0, _bk.AXPBY, _bk.MASTER_VIEW)
+            self._run(seed, (1.0, -cur), (1.0, 0.0, 0.0), _bk.MASTER_VIEW)
             self._active = None
         return self
 
@@ -217,7 +223,8 @@ class ParamSet:
                 raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}")
             cur = self._active[1]
         alpha = 1.0 - float(lr) * float(weight_decay)
-        self._run(seed, alpha, -alpha * cur - float(lr) * float(grad), 0.0, _bk.AXPBY, _bk.MASTER_UPDATE)
+        step = -float(lr) * float(grad)
+        self._run(seed, (alpha, -alpha * cur + step), (alpha, step, 0.0), _bk.MASTER_UPDATE)
         self._active = None
         return self
 

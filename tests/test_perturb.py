@@ -51,7 +51,7 @@ def test_axpby_matches_reference_multi_tensor(backend, dtype):
 @pytest.mark.parametrize("block", [1, 3, 17, 4097])
 def test_partition_invariance(backend, block):
     """One flat tensor equals its elements split into many tensors with matching (unaligned) bases."""
-    n, seed, base0 = 9001, fresh_seed(), 5
+    n, seed, base0 = (9001 if backend != "triton" else 601), fresh_seed(), 5   # interpreter: ~1 ms a program
     flat = torch.randn(n, device=DEVICE)
     parts = [p.clone() for p in flat.split(block)]
     bases = [base0 + i * block for i in range(len(parts))]
@@ -74,12 +74,13 @@ def test_repeatable_bit_for_bit(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_mezo_step_math(backend):
-    """+eps, -eps, fused restore+update equals (1 - lr*wd)*theta - lr*g*z."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_mezo_step_math(backend, exact):
+    """+eps, -eps, fused restore+update equals (1 - lr*wd)*theta - lr*g*z, in plain and in master mode."""
     seed, eps, lr, g, wd = fresh_seed(), 1e-2, 1e-2, 3.0, 0.5
     theta = torch.randn(1001, device=DEVICE)
     x = theta.clone()
-    ps = mk.ParamSet([x], backend=backend)
+    ps = mk.ParamSet([x], backend=backend, exact_restore=exact)
     ps.perturb_(seed, eps)
     torch.testing.assert_close(x, theta + eps * rng.normal(seed, 0, 1001, DEVICE), atol=2e-7, rtol=2e-7)
     ps.perturb_(seed, -eps)
@@ -92,7 +93,7 @@ def test_mezo_step_math(backend):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_exact_restore_1000_cycles(backend, dtype):
-    cycles = 1000 if backend != "triton" else 50     # the Triton interpreter runs ~1 ms per program
+    cycles = {"triton": 50, "torch": 100}.get(backend, 1000)   # interpreter and int64 Philox are slow
     x = torch.randn(3, 17, device=DEVICE).to(dtype)
     y = torch.randn(4097, device=DEVICE).to(dtype)
     x0, y0 = x.clone(), y.clone()
