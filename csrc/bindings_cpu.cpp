@@ -1,0 +1,77 @@
+// mezo_kernels._C: pybind11 front of the CPU backend (docs/kernel_abi.md). No libtorch: every pointer is a
+// Python int (tensor.data_ptr()), so the module builds and imports without torch and works with any torch.
+//
+// Reference semantics: as csrc/cpu/kernel.h. This file only checks arguments (ValueError with the reason),
+// converts seeds (uint64, negative int64 taken as two's complement) and releases the GIL around the work.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings_common.h"
+#include "cpu/kernel.h"
+#include "philox.h"
+
+namespace py = pybind11;
+using namespace mezo::bind;
+
+namespace {
+
+void axpby(uintptr_t meta_ptr, int64_t num_tensors, uintptr_t chunks_ptr, int64_t num_chunks, int64_t chunk_size,
+           int dtype, int mode, const py::int_& seed, double alpha, double beta, double gamma) {
+  const uint64_t s = to_seed(seed);
+  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode);
+  const auto* meta = reinterpret_cast<const int64_t*>(meta_ptr);
+  const auto* chunks = reinterpret_cast<const int64_t*>(chunks_ptr);
+  // host tables: the per-tensor and per-chunk checks are cheap next to the work (one pass over C + T rows)
+  check_tables(meta, num_tensors, chunks, num_chunks, chunk_size, mode);
+  py::gil_scoped_release nogil;
+  mezo::cpu::axpby(meta, num_tensors, chunks, num_chunks, chunk_size, dtype, mode, s, static_cast<float>(alpha),
+                   static_cast<float>(beta), static_cast<float>(gamma));
+}
+
+py::tuple philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  const mezo::U32x4 w = mezo::philox4x32_10(k0, k1, mezo::U32x4{c0, c1, c2, c3});
+  return py::make_tuple(w.x, w.y, w.z, w.w);
+}
+
+void philox_words(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t out_ptr) {
+  const uint64_t s = to_seed(seed), k = to_counter(k_start);
+  check_out(n, out_ptr);
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  mezo::cpu::philox_words(s, k, n, reinterpret_cast<uint32_t*>(out_ptr));
+}
+
+void randn4x(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t out_ptr) {
+  const uint64_t s = to_seed(seed), k = to_counter(k_start);
+  check_out(n, out_ptr);
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  mezo::cpu::randn4x(s, k, n, reinterpret_cast<float*>(out_ptr));
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  mezo::cpu::set_num_threads(n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mezo-kernels CPU backend: fused seeded Gaussian perturbation (Philox4x32-10 + Box-Muller), OpenMP";
+  m.def("axpby", &axpby, py::arg("meta_ptr"), py::arg("num_tensors"), py::arg("chunks_ptr"), py::arg("num_chunks"),
+        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("seed"), py::arg("alpha"), py::arg("beta"),
+        py::arg("gamma"),
+        "Apply mode 0-3 (AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL) to every chunk of a plan (host pointers).");
+  m.def("philox4x32_10", &philox4x32_10, py::arg("k0"), py::arg("k1"), py::arg("c0"), py::arg("c1"), py::arg("c2"),
+        py::arg("c3"), "One Philox4x32-10 block: (key, counter) -> 4 uint32 words.");
+  m.def("philox_words", &philox_words, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
+        "Write 4*n uint32 words for counters k_start .. k_start+n-1 to host memory.");
+  m.def("randn4x", &randn4x, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
+        "Write 4*n float32 normals z[4k+j] for counters k_start .. k_start+n-1 to host memory.");
+  m.def("chunk_size", [] { return mezo::cpu::kChunk; }, "Elements per chunk this backend wants in its plans.");
+  m.def("num_threads", &mezo::cpu::num_threads, "OpenMP threads used by the kernels.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the OpenMP thread count for later calls.");
+  m.def("build_info", [] { return std::string(mezo::cpu::build_info()); }, "Compiler, ISA flags, chunk size.");
+}

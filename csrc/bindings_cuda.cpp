@@ -1,0 +1,77 @@
+// mezo_kernels._C_cuda: pybind11 front of the CUDA backend (docs/kernel_abi.md). No libtorch and a static
+// cudart: pointers and the stream are Python ints (tensor.data_ptr(), torch.cuda.current_stream().cuda_stream),
+// so this module works next to any torch build; kernels run on the thread's current device/context.
+//
+// Reference semantics: as csrc/cuda/launch.h. Checks scalar arguments here (ValueError); the plan tables live on
+// the device, so their rows are trusted (mezo_kernels/perturb.py builds them). Launch errors -> RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "bindings_common.h"
+#include "cuda/launch.h"
+
+namespace py = pybind11;
+using namespace mezo::bind;
+
+namespace {
+
+void raise_if(const char* err, const char* what) {
+  // std::runtime_error becomes RuntimeError in Python
+  if (err != nullptr) throw std::runtime_error(std::string("mezo_kernels._C_cuda.") + what + ": CUDA error: " + err);
+}
+
+void axpby(uintptr_t meta_ptr, int64_t num_tensors, uintptr_t chunks_ptr, int64_t num_chunks, int64_t chunk_size,
+           int dtype, int mode, const py::int_& seed, double alpha, double beta, double gamma, uintptr_t stream) {
+  const uint64_t s = to_seed(seed);
+  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode);
+  const char* err;
+  {
+    py::gil_scoped_release nogil;
+    err = mezo::cuda::launch_axpby(reinterpret_cast<const int64_t*>(meta_ptr), num_tensors,
+                                   reinterpret_cast<const int64_t*>(chunks_ptr), num_chunks, chunk_size, dtype, mode, s,
+                                   static_cast<float>(alpha), static_cast<float>(beta), static_cast<float>(gamma),
+                                   stream);
+  }
+  raise_if(err, "axpby");
+}
+
+void philox_words(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t out_ptr, uintptr_t stream) {
+  const uint64_t s = to_seed(seed), k = to_counter(k_start);
+  check_out(n, out_ptr);
+  const char* err;
+  {
+    py::gil_scoped_release nogil;
+    err = mezo::cuda::launch_philox_words(s, k, n, reinterpret_cast<uint32_t*>(out_ptr), stream);
+  }
+  raise_if(err, "philox_words");
+}
+
+void randn4x(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t out_ptr, uintptr_t stream) {
+  const uint64_t s = to_seed(seed), k = to_counter(k_start);
+  check_out(n, out_ptr);
+  const char* err;
+  {
+    py::gil_scoped_release nogil;
+    err = mezo::cuda::launch_randn4x(s, k, n, reinterpret_cast<float*>(out_ptr), stream);
+  }
+  raise_if(err, "randn4x");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "mezo-kernels CUDA backend: fused seeded Gaussian perturbation, one block per chunk";
+  m.def("axpby", &axpby, py::arg("meta_ptr"), py::arg("num_tensors"), py::arg("chunks_ptr"), py::arg("num_chunks"),
+        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("seed"), py::arg("alpha"), py::arg("beta"),
+        py::arg("gamma"), py::arg("stream") = 0,
+        "Apply mode 0-3 to every chunk of a plan (device pointers) on `stream` (cudaStream_t as int).");
+  m.def("philox_words", &philox_words, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
+        py::arg("stream") = 0, "Write 4*n uint32 words for counters k_start .. k_start+n-1 to device memory.");
+  m.def("randn4x", &randn4x, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
+        py::arg("stream") = 0, "Write 4*n float32 normals for counters k_start .. k_start+n-1 to device memory.");
+  m.def("chunk_size", [] { return mezo::cuda::kChunk; }, "Elements per chunk (one Philox counter per thread).");
+  m.def("build_info", [] { return std::string(mezo::cuda::build_info()); }, "nvcc version, archs, chunk size.");
+}

@@ -1,0 +1,281 @@
+"""The Triton backend against the pure-PyTorch reference (``mezo_kernels.rng``) and the spec's known answers.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (CI); with compiled Triton on a GPU the same
+tests run on CUDA tensors. TRITON_INTERPRET is read when @triton.jit decorates, i.e. when mezo_kernels.triton is
+first imported, so it is set here before that import (the conftest does the same).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton backend is untestable here")
+
+from mezo_kernels import rng  # noqa: E402
+from mezo_kernels.triton import CHUNK, available, launch  # noqa: E402
+from mezo_kernels.triton import philox as P  # noqa: E402
+
+
+def _pick_device():
+    why_cpu = available(torch.device("cpu"))
+    if why_cpu is None:
+        return torch.device("cpu"), None
+    if torch.cuda.is_available() and available(torch.device("cuda")) is None:
+        return torch.device("cuda"), None
+    return None, why_cpu
+
+
+DEV, _WHY = _pick_device()
+pytestmark = pytest.mark.skipif(DEV is None, reason=f"triton backend unusable here: {_WHY}")
+
+AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL = 0, 1, 2, 3
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SIZES = (1, 3, 17, 4097, 2 * CHUNK + 5)
+GUARD = 67
+SEED = 0x5EED_0F_2024
+ALPHA, BETA, GAMMA = 0.9, 0.75, -0.5   # large enough that z visibly moves fp16/bf16 results
+# 1 ulp of the dtype relative to the value (fp16: 2**-10, bf16: 2**-7); fp32: the spec's 1e-6 on z.
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=2**-10, atol=1e-6),
+       torch.bfloat16: dict(rtol=2**-7, atol=1e-6)}
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def guarded(n, dtype, values=None):
+    """(buffer, view): a length-n view in the middle of a NaN-poisoned buffer; the view gets ``values`` if given."""
+    buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=dtype, device=DEV)
+    view = buf[GUARD:GUARD + n]
+    if values is not None:
+        view.copy_(values)
+    return buf, view
+
+
+def guard_bits(buf):
+    b = buf.view(INT_VIEW[buf.dtype])
+    return torch.cat((b[:GUARD], b[-GUARD:])).clone()
+
+
+def plan(tensors, bases, masters=None):
+    """meta [4, T] and chunks [C, 2] as in docs/kernel_abi.md, for chunk size CHUNK."""
+    masters = masters or [None] * len(tensors)
+    meta = torch.tensor([[t.data_ptr() for t in tensors], [t.numel() for t in tensors], list(bases),
+                         [0 if m is None else m.data_ptr() for m in masters]], dtype=torch.int64, device=DEV)
+    rows = [(i, s) for i, t in enumerate(tensors) for s in range(0, t.numel(), CHUNK)]
+    chunks = torch.tensor(rows, dtype=torch.int64, device=DEV).reshape(-1, 2)
+    return meta, chunks
+
+
+def run(tensors, bases, dtype, mode, seed=SEED, masters=None, aligned=None):
+    meta, chunks = plan(tensors, bases, masters)
+    if aligned is None:
+        aligned = all(b % 4 == 0 for b in bases)
+    launch(meta, chunks, len(tensors), chunks.shape[0], dtype, mode, seed, ALPHA, BETA, GAMMA, aligned)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def z_triton(seed, base, n):
+    """z[base : base + n] from the Triton randn4x test kernel (fp32, bit-exact within the backend)."""
+    k0 = base // 4
+    k1 = (base + n + 3) // 4
+    return P.randn4x(seed, k0, k1 - k0, DEV)[base - 4 * k0:base - 4 * k0 + n]
+
+
+def assert_close_dtype(out, ref, dtype):
+    torch.testing.assert_close(out.double(), ref.double(), **TOL[dtype])
+    if dtype != torch.float32:
+        # Sharper than 1 ulp: only fp32 values within a few ulp of a rounding tie may round differently.
+        # (A truncating fp32 -> bf16 conversion, which the interpreter has, would differ in ~half the elements.)
+        frac = (out.float() != ref.float()).double().mean().item()
+        assert frac < 0.01, f"{frac:.2%} of elements differ from the reference rounding"
+
+
+# ------------------------------------------------------------------------------------------- Philox words
+def test_philox_known_answers():
+    kat = [((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for (k0, k1), ctr, words in kat:
+        got = P.philox_words(k0 | (k1 << 32), torch.tensor(ctr, dtype=torch.int64, device=DEV))
+        assert got.tolist() == list(words)
+
+
+SPEC_TABLE = {(0, 0): (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8, 0.0465515),
+              (0, 1): (0xF8E4CCA4, 0x5CB200DB, 0xB1A574EB, 0x097EFF67, -0.3883614),
+              (0, 2): (0x04FAA329, 0x51C732A6, 0x241513AD, 0x459135E4, -1.6379520),
+              (0, 3): (0xC990EF29, 0x6A4474A6, 0x9AC9134F, 0x6D413E04, 0.6315316),
+              (42, 0): (0x9CEAF053, 0x77F5493B, 0x12BF50AD, 0x5742B3D7, 0.6606134),
+              (42, 1): (0xFCDB2127, 0x53BA6CFD, 0x838F5A6E, 0x744E06FB, -1.5427135)}
+
+
+def _counters(k):
+    zero = torch.zeros_like(k)
+    return torch.stack((k & 0xFFFFFFFF, k >> 32, zero, zero), dim=-1).to(DEV)
+
+
+def test_philox_spec_table():
+    for (seed, k), row in SPEC_TABLE.items():
+        got = P.philox_words(seed, _counters(torch.tensor([k])))
+        assert got[0].tolist() == list(row[:4]), (seed, k)
+        assert abs(P.randn4x(seed, k, 1, DEV)[0].item() - row[4]) < 1e-6, (seed, k)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1, -1, -(2**63)])
+def test_philox_words_match_reference(seed):
+    k = torch.cat((torch.arange(0, 6), torch.arange(2**32 - 3, 2**32 + 3),
+                   torch.tensor([2**33 + 7, 2**62 + 1, 2**63 - 1])))
+    got = P.philox_words(seed, _counters(k))
+    assert torch.equal(got.cpu(), rng.philox_words(seed, k))
+
+
+def test_seed_words_are_int32():
+    # One Triton signature for every seed: both halves always land in the signed int32 range.
+    for seed in (0, 1, 2**31, 2**32 - 1, 2**32, 2**63 + 5, 2**64 - 1, -1, -(2**63)):
+        lo, hi = P.seed_words(seed)
+        assert -(2**31) <= lo < 2**31 and -(2**31) <= hi < 2**31
+        s = rng.check_seed(seed)
+        assert (lo & 0xFFFFFFFF, hi & 0xFFFFFFFF) == (s & 0xFFFFFFFF, s >> 32)
+    with pytest.raises(ValueError):
+        P.seed_words(2**64)
+
+
+# ------------------------------------------------------------------------------------------- normals
+@pytest.mark.parametrize("seed", [0, 42, 2**63 + 5, 2**64 - 1])
+@pytest.mark.parametrize("k_start", [0, 2**32 - 100, 2**40 + 3])
+def test_randn4x_matches_float64_reference(seed, k_start):
+    n = 257
+    got = P.randn4x(seed, k_start, n, DEV).cpu().double()
+    ref = rng.normal_f64(seed, 4 * k_start, 4 * n)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [42, 2**40 + 7])
+def test_randn4x_equals_tl_randn4x(seed):
+    """The spec's claim: the four z of counter k are tl.randn4x(seed, k) (Triton >= 3.4, int64 offsets)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ref_kernel(out_ptr, seed, k_start, BLOCK: tl.constexpr):
+        q = tl.arange(0, BLOCK)
+        n0, n1, n2, n3 = tl.randn4x(seed, k_start.to(tl.int64) + q)
+        tl.store(out_ptr + 4 * q, n0)
+        tl.store(out_ptr + 4 * q + 1, n1)
+        tl.store(out_ptr + 4 * q + 2, n2)
+        tl.store(out_ptr + 4 * q + 3, n3)
+
+    for k_start in (0, 2**32 - 8):
+        ref = torch.empty(4 * 64, dtype=torch.float32, device=DEV)
+        _ref_kernel[(1,)](ref, seed, k_start, BLOCK=64)
+        torch.testing.assert_close(P.randn4x(seed, k_start, 64, DEV), ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- the update
+@pytest.mark.parametrize("mode", [AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modes_multi_tensor_guarded(dtype, mode):
+    """All sizes in one launch (default, aligned bases); NaN guards around every buffer must keep their bits."""
+    gen = torch.Generator().manual_seed(mode * 10 + DTYPES.index(dtype))
+    bases = rng.default_bases(SIZES)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
+    minit = [torch.randn(n, generator=gen) for n in SIZES]
+    # d is read only by AXPBY; for the other modes it stays NaN poison, which must never leak into the result.
+    d = [guarded(n, dtype, init[i].to(DEV) if mode == AXPBY else None) for i, n in enumerate(SIZES)]
+    m = [guarded(n, torch.float32, minit[i].to(DEV)) for i, n in enumerate(SIZES)] if mode in (1, 2) else None
+    before = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
+    run([v for _, v in d], bases, dtype, mode, masters=[v for _, v in m] if m else None)
+    after = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "guard memory was written"
+    for i, (n, base) in enumerate(zip(SIZES, bases)):
+        z = rng.normal(SEED, base, n)
+        if mode == FILL:
+            ref = z
+        elif mode == AXPBY:
+            ref = rng.fma_update(init[i], z, ALPHA, BETA)
+        else:
+            mref = rng.fma_update(minit[i], z, ALPHA, BETA) if mode == MASTER_UPDATE else minit[i]
+            ref = rng.fma_update(mref, z, 1.0, GAMMA)
+            if mode == MASTER_UPDATE:
+                torch.testing.assert_close(m[i][1].cpu(), mref, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(m[i][1].cpu(), minit[i]), "MASTER_VIEW modified the master"
+        assert_close_dtype(d[i][1].cpu(), ref.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fill_is_bit_exact_within_backend(dtype):
+    """FILL equals the randn4x test kernel's z rounded by torch (RTNE): checks layout, interleave and rounding."""
+    bases = rng.default_bases(SIZES)
+    d = [guarded(n, dtype) for n in SIZES]
+    run([v for _, v in d], bases, dtype, FILL)
+    for (_, v), base, n in zip(d, bases, SIZES):
+        assert torch.equal(v, z_triton(SEED, base, n).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [AXPBY, FILL])
+def test_unaligned_explicit_bases(dtype, mode):
+    sizes, bases = (17, 4097, CHUNK + 3, 3, 1), (1, 3, 2**33 + 2, 2**32 - 1, 6)
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    d = [guarded(n, dtype, init[i].to(DEV) if mode == AXPBY else None) for i, n in enumerate(sizes)]
+    before = [guard_bits(b) for b, _ in d]
+    run([v for _, v in d], bases, dtype, mode)
+    assert all(torch.equal(x, guard_bits(b)) for x, (b, _) in zip(before, d)), "guard memory was written"
+    for i, (n, base) in enumerate(zip(sizes, bases)):
+        z = rng.normal(SEED, base, n)
+        ref = z if mode == FILL else rng.fma_update(init[i], z, ALPHA, BETA)
+        assert_close_dtype(d[i][1].cpu(), ref.to(dtype), dtype)
+        if mode == FILL:  # the per-element path gives the same bits as the counter path
+            assert torch.equal(d[i][1], z_triton(SEED, base, n).to(dtype))
+
+
+def test_aligned_and_per_element_paths_agree():
+    """With aligned bases both paths must be bit-identical (same fp32 ops on the same words)."""
+    bases = rng.default_bases(SIZES)
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen).to(DEV) for n in SIZES]
+    outs = []
+    for aligned in (True, False):
+        ts = [x.clone() for x in init]
+        run(ts, bases, torch.float32, AXPBY, aligned=aligned)
+        outs.append(ts)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_shards_reproduce_unsharded():
+    n, base = 2 * CHUNK + 5, 8
+    full = torch.full((n,), float("nan"), device=DEV)
+    run([full], [base], torch.float32, FILL)
+    cuts = (0, 1001, 5002, n)          # shard bases 8, 1009, 5010: not multiples of 4
+    shards = [torch.full((b - a,), float("nan"), device=DEV) for a, b in zip(cuts, cuts[1:])]
+    run(shards, [base + a for a in cuts[:-1]], torch.float32, FILL)
+    assert torch.equal(torch.cat(shards), full)
+
+
+def test_new_seed_changes_z_and_same_seed_repeats():
+    a, b, c = (torch.zeros(33, device=DEV) for _ in range(3))
+    run([a], [0], torch.float32, FILL, seed=2**64 - 1)
+    run([b], [0], torch.float32, FILL, seed=2**64 - 1)
+    run([c], [0], torch.float32, FILL, seed=2**64 - 2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------- API surface
+def test_available_and_validation():
+    assert available(DEV) is None
+    assert isinstance(available(torch.device("meta")), str)
+    t = torch.zeros(5, device=DEV)
+    meta, chunks = plan([t], [0])
+    with pytest.raises(ValueError):
+        launch(meta, chunks, 1, 1, torch.float32, 4, 0, 1.0, 0.0, 0.0, True)
+    with pytest.raises(TypeError):
+        launch(meta, chunks, 1, 1, torch.float64, 0, 0, 1.0, 0.0, 0.0, True)
+    with pytest.raises(ValueError):
+        launch(meta[:, :0], chunks, 1, 1, torch.float32, 0, 0, 1.0, 0.0, 0.0, True)
+    launch(meta, chunks[:0], 1, 0, torch.float32, 0, 0, 1.0, 0.0, 0.0, True)  # nothing to do is fine
+    assert CHUNK % 4 == 0 and CHUNK & (CHUNK - 1) == 0
