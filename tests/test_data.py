@@ -1,0 +1,117 @@
+"""GLUE TSV reading, data-dir resolution and the k-shot / OPT split protocols (small TSV files in tmp_path;
+the real-data test skips when the shared data folder is absent)."""
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mezo_kernels.data import Example, load_splits, read_glue_tsv, resolve_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("MEZO_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_dir(root: Path, n_pos: int, n_neg: int, n_dev: int) -> Path:
+    """A data dir with sst2/ and rte/ train/dev files: n_pos + n_neg train rows, n_dev dev rows."""
+    rows = [f"1\tgood movie number {i}" for i in range(n_pos)] + [f"0\tbad movie number {i}" for i in range(n_neg)]
+    write(root / "sst2" / "train.tsv", ["label\tsentence"] + rows)
+    write(root / "sst2" / "dev.tsv", ["label\tsentence"] + [f"{i % 2}\tdev sentence {i}" for i in range(n_dev)])
+    rte = [f"premise {i}\thypothesis {i}\t{i % 2}\t{i}" for i in range(n_pos + n_neg)]
+    write(root / "rte" / "train.tsv", ["sentence1\tsentence2\tlabel\tidx"] + rte)
+    write(root / "rte" / "dev.tsv", ["sentence1\tsentence2\tlabel\tidx"] + rte[:n_dev])
+    return root
+
+
+def test_read_sst2_and_rte(tmp_path):
+    p = write(tmp_path / "a.tsv", ["label\tsentence", '1\tit\'s "quoted" , fine ', "0\tbad", ""])
+    assert read_glue_tsv(p, "sst2") == [Example('it\'s "quoted" , fine', None, 1), Example("bad", None, 0)]
+    # GLUE's own column order and string labels for RTE
+    p = write(tmp_path / "b.tsv", ["sentence\tlabel", "nice\t1"])
+    assert read_glue_tsv(p, "SST-2") == [Example("nice", None, 1)]
+    p = write(tmp_path / "c.tsv", ["idx\tsentence1\tsentence2\tlabel", "0\tP.\tH.\tnot_entailment", "1\tP2\tH2\t0"])
+    assert read_glue_tsv(p, "rte") == [Example("P.", "H.", 1), Example("P2", "H2", 0)]
+
+
+@pytest.mark.parametrize("lines,task,match", [
+    (["1\tno header"], "sst2", r"b\.tsv:1: missing header"),
+    ([], "sst2", r"b\.tsv:1: missing header"),
+    (["label\tsentence", "1\tok", "1\ttoo\tmany"], "sst2", r"b\.tsv:3: expected 2 tab-separated columns"),
+    (["label\tsentence", "1\tok", "0\tok", "2\tbad label"], "sst2", r"b\.tsv:4: bad label '2'"),
+    (["label\tsentence", "x\tbad label"], "sst2", r"b\.tsv:2: bad label 'x'"),
+    (["label\tsentence", "1\t  "], "sst2", r"b\.tsv:2: empty text in column 'sentence'"),
+    (["sentence1\tsentence2\tlabel\tidx", "p\t\t0\t0"], "rte", r"b\.tsv:2: empty text in column 'sentence2'"),
+    (["sentence1\tsentence2\tlabel\tidx", "p\th\t0"], "rte", r"b\.tsv:2: expected 4"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, lines, task, match):
+    p = write(tmp_path / "b.tsv", lines)
+    with pytest.raises(ValueError, match=match):
+        read_glue_tsv(p, task)
+
+
+def test_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'mnli'"):
+        read_glue_tsv(write(tmp_path / "x.tsv", ["a"]), "mnli")
+
+
+def test_resolve_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEZO_DATA_DIR", raising=False)
+    with pytest.raises(ValueError, match="MEZO_DATA_DIR"):
+        resolve_data_dir(None)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_data_dir(tmp_path / "nope")
+    assert resolve_data_dir(str(tmp_path)) == tmp_path
+    monkeypatch.setenv("MEZO_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path
+    other = tmp_path / "o"
+    other.mkdir()
+    assert resolve_data_dir(other) == other  # the flag wins over the environment
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte"])
+def test_kshot_counts_disjoint_deterministic(tmp_path, task):
+    root = make_dir(tmp_path, 40, 30, 9)
+    s = load_splits(task, root, "kshot", k=8, seed=3)
+    assert Counter(e.label for e in s.train) == {0: 8, 1: 8}
+    assert Counter(e.label for e in s.dev) == {0: 8, 1: 8}
+    assert not set(s.train) & set(s.dev)  # rows are unique in the file, so equal examples = same row
+    assert s.test == read_glue_tsv(root / task / "dev.tsv", task)
+    assert load_splits(task, root, "kshot", k=8, seed=3) == s
+    assert load_splits(task, root, "kshot", k=8, seed=4).train != s.train
+
+
+def test_kshot_too_few(tmp_path):
+    root = make_dir(tmp_path, 40, 5, 3)
+    with pytest.raises(ValueError, match="class 0 has 5 examples"):
+        load_splits("sst2", root, "kshot", k=3)
+
+
+def test_opt_protocol_caps(tmp_path):
+    root = make_dir(tmp_path, 700, 600, 872)
+    s = load_splits("sst2", root, "opt", seed=0)
+    assert (len(s.train), len(s.dev), len(s.test)) == (1000, 300, 872)  # dev capped by the 1300-row train file
+    assert not set(s.train) & set(s.dev)
+    assert s.test == read_glue_tsv(root / "sst2" / "dev.tsv", "sst2")  # all of it, in file order
+    assert load_splits("sst2", root, "opt", seed=0) == s
+    small = load_splits("sst2", root, "opt", seed=1, opt_sizes=(10, 5, 20))
+    assert (len(small.train), len(small.dev), len(small.test)) == (10, 5, 20)
+    tiny = make_dir(tmp_path / "t", 400, 300, 50)
+    s2 = load_splits("rte", tiny, "opt")
+    assert (len(s2.train), len(s2.dev), len(s2.test)) == (700, 0, 50)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        load_splits("sst2", root, "lmbff")
+
+
+@pytest.mark.skipif(not (REAL_DATA / "sst2" / "train.tsv").is_file(), reason=f"no shared data at {REAL_DATA}")
+def test_real_data():
+    s = load_splits("sst2", REAL_DATA, "kshot", k=16, seed=42)
+    assert len(s.train) == 32 and len(s.dev) == 32 and len(s.test) == 872
+    r = load_splits("rte", REAL_DATA, "opt", seed=0)
+    assert (len(r.train), len(r.dev), len(r.test)) == (1000, 500, 277)
+    assert all(e.text_b for e in r.train)
