@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     r = sub.add_parser("replay", help="rebuild a run's adapter from its initial weights and seeds.jsonl")
     r.add_argument("--run", required=True, help="the run's output dir (config.json, seeds.jsonl)")
-    r.add_argument("--output", default=None, help="where to save the rebuilt adapter (default RUN/replayed)")
+    r.add_argument("--output", default=None, help="folder for the rebuilt adapter (LoRA) or model (default RUN/replayed)")
     r.add_argument("--backend", default="auto")
     return ap
 
@@ -103,7 +103,7 @@ def _replay(a) -> int:
     import torch
     from .optim import MeZO
     from .seedlog import read_log
-    from .trainer import build, save_weights
+    from .trainer import build
     run = Path(a.run)
     cfg = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items()
                          if k in {f.name for f in dataclasses.fields(TrainConfig)}})
@@ -112,8 +112,8 @@ def _replay(a) -> int:
     opt = MeZO(params, backend=a.backend, **head["config"])
     opt.replay_(records)
     out = Path(a.output) if a.output else run / "replayed"
-    target = save_weights(model, out, cfg.lora)
-    print(json.dumps({"replayed_steps": opt.step_count, "saved": str(target)}))
+    model.save_pretrained(str(out))
+    print(json.dumps({"replayed_steps": opt.step_count, "saved": str(out)}))
     return 0
 
 

@@ -212,7 +212,8 @@ class MeZO:
 
     def config(self) -> dict:
         return {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay, "seed": self.seed,
-                "n_directions": self.n_directions, "schedule": self.schedule, "total_steps": self.total_steps}
+                "n_directions": self.n_directions, "schedule": self.schedule,
+                "total_steps": self.total_steps if self.schedule == "linear" else None}   # only linear uses it
 
     def state_dict(self) -> dict:
         return {"config": self.config(), "step": self.step_count, "skipped_directions": self.skipped_directions,

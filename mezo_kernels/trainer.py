@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     resumed = cfg.resume and log_path.exists()
     if resumed:
         old = json.loads((out / "config.json").read_text())
-        changed = {k for k in cfg_json if k not in ("resume", "steps", "eval_every") and old.get(k) != cfg_json[k]}
+        free = ("resume", "eval_every") + (("steps",) if cfg.schedule == "constant" else ())  # linear lr needs steps
+        changed = {k for k in cfg_json if k not in free and old.get(k) != cfg_json[k]}
         if changed:
             raise ValueError(f"--resume with different settings than the logged run: {sorted(changed)}")
         _, records = read_log(str(log_path))

