@@ -45,6 +45,14 @@ def timer(device: torch.device):
     return run
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
+
+
 def reference_step(params, seed: int) -> None:
     """The reference MeZO loop: 4 passes of manual_seed + per-tensor normal + add."""
     for scale in (EPS, -2 * EPS, EPS, -LR * G):
@@ -124,7 +132,7 @@ def main(argv=None) -> None:
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader(); w.writerows(rows)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     head = (f"Command: `python bench/bench_perturb.py --device {device.type} --reps {args.reps}`  \n"
             f"Device: {label}; torch {torch.__version__}; date {datetime.date.today()}  \n"
             f"Copy bandwidth (read+write) measured on this device: {bw / 1e9:.1f} GB/s. "
