@@ -1,6 +1,7 @@
 """``mezo-kernels train | eval | replay`` (also ``python -m mezo_kernels``).
 
 ``train`` with no options runs the README demo: MeZO-LoRA on SmolLM2-135M-Instruct, SST-2, on the CPU.
+Under ``torchrun --nproc-per-node N -m mezo_kernels train ...`` training is data parallel (see distributed.py).
 ``eval`` prints a JSON object on its last line (accuracy, f1, loss, n). ``replay`` rebuilds a run's weights from
 its initial weights and ``seeds.jsonl``.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default=_DEMO.backend, choices=["auto", "triton", "cuda", "cpu", "torch"])
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its seed log")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--ddp", default="auto", choices=["auto", "off"],
+                   help="auto: data parallel when launched by torchrun with WORLD_SIZE > 1; off: ignore torchrun")
     e = sub.add_parser("eval", help="evaluate a model (and adapter); JSON on the last line")
     _add_common(e)
     e.add_argument("--adapter", default=None, help="a peft adapter folder (e.g. runs/demo/adapter)")
@@ -75,9 +79,12 @@ def _train(a) -> int:
                       lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
                       eval_every=a.eval_every, eval_max=a.eval_max, backend=a.backend, dtype=a.dtype,
                       resume=a.resume)
-    s = train(cfg, progress=not a.no_progress)
+    s = train(cfg, progress=not a.no_progress, ddp=None if a.ddp == "auto" else False)
+    if "distributed" in s and os.environ.get("RANK", "0") != "0":
+        return 0                                  # rank 0 speaks for the data-parallel run
     print(json.dumps({"before": s.get("before"), "after": s["after"], "steps": s["steps"],
-                      "train_seconds": s["train_seconds"], "zero_grad_rate": s["zero_grad_rate"]}))
+                      "train_seconds": s["train_seconds"], "zero_grad_rate": s["zero_grad_rate"],
+                      **({"distributed": s["distributed"]} if "distributed" in s else {})}))
     return 0
 
 

@@ -59,11 +59,15 @@ class MeZO:
         n_directions: directions per step, their updates averaged.
         schedule: ``"constant"`` or ``"linear"`` (to 0 at ``total_steps``).
         exact_restore: passed to ``ParamSet`` (default: fp32 masters for fp16/bf16 tensors).
+        bases: explicit global base index per tensor (default: running sum over ``params``). A tensor-parallel
+            shard passes the bases of the unsharded parameters (``distributed.sharded_params``) so that its z is
+            exactly the z of a single-process run.
     """
 
     def __init__(self, params: Iterable, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  backend: str = "auto", n_directions: int = 1, schedule: str = "constant",
-                 total_steps: int | None = None, exact_restore: bool | None = None):
+                 total_steps: int | None = None, exact_restore: bool | None = None,
+                 bases: Sequence[int] | None = None):
         names, tensors = _split_named(params)
         for v, what in ((lr, "lr"), (eps, "eps"), (weight_decay, "weight_decay")):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -79,7 +83,12 @@ class MeZO:
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.seed, self.n_directions = rng.check_seed(seed), n_directions
         self.schedule, self.total_steps = schedule, total_steps
-        bases = rng.default_bases(t.numel() for t in tensors)   # global over the whole set: grouping-invariant
+        if bases is None:
+            bases = rng.default_bases(t.numel() for t in tensors)   # global over the whole set: grouping-invariant
+        else:
+            bases = list(bases)                                      # values are checked by ParamSet
+            if len(bases) != len(tensors):
+                raise ValueError(f"bases has {len(bases)} entries for {len(tensors)} tensors")
         split = [no_decay(n, t) for n, t in zip(names, tensors)] if weight_decay > 0 else [False] * len(tensors)
         self._sets: list[tuple[ParamSet, bool]] = []
         for exempt in (False, True):

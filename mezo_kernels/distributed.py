@@ -1,0 +1,280 @@
+"""MeZO on ``torch.distributed``: data parallelism by exchanging losses, and tensor-parallel shards.
+
+Data parallel: every rank holds the same weights and the same seed sequence, evaluates its slice of the global
+batch, and the ranks exchange only the per-example losses (an all-gather in rank order, so every rank reduces the
+same [B] vector in the same order and gets the same g, bit for bit). Every rank then applies the identical update:
+no gradient buffers, no parameter broadcasts after start-up. ``reduce="sum"`` exchanges one float64 per forward
+instead (2 scalars per step with one direction).
+
+Tensor parallel: a rank holding a row or column shard of a parameter perturbs it with the *global* element indices
+of the unsharded parameter (``sharded_params`` computes the bases), so its z is exactly the single-process z.
+
+Launch with ``torchrun``; ``init_from_env`` reads RANK / WORLD_SIZE / LOCAL_RANK.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import rng
+from .objectives import CausalLMObjective, MaskedLMObjective, ObjectiveOutput, objective_value
+
+__all__ = ["DistInfo", "init_from_env", "env_world_size", "is_main", "rank_slice", "CommStats",
+           "DataParallelLoss", "broadcast_object", "check_replicas", "write_text", "shard_range", "Shard",
+           "sharded_params"]
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None      # None: a single process, no process group
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(backend: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment (a no-op for a single process).
+
+    ``backend`` defaults to gloo on CPU-only machines and ``"cpu:gloo,cuda:nccl"`` where CUDA is present, so CPU
+    tensors (the trainer's losses) go through gloo and CUDA tensors through NCCL. Idempotent.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                        str(dist.get_backend()))
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo(0, 1, 0, None)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    # env:// (MASTER_ADDR/PORT, RANK, WORLD_SIZE from torchrun), with keys prefixed by the restart count: after a
+    # torchrun restart the agent's store still holds the dead attempt's gloo addresses, and a new rank that read
+    # them would try to connect to a process that no longer exists
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"mezo-kernels/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, backend)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one rank that writes files and prints."""
+    return not _active() or dist.get_rank() == 0
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file from rank 0 only (other ranks return at once)."""
+    if is_main():
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (start-up only: configs, resumed seed logs)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def check_replicas(tensors: Sequence[torch.Tensor], what: str = "weights") -> None:
+    """Raise RuntimeError unless every rank holds bit-identical ``tensors`` (a hash per rank, once at start-up)."""
+    if not _active():
+        return
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) != 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"{what} differ between ranks (rank 0 vs ranks {bad}): MeZO data parallelism needs "
+                           "identical replicas (same model, seed and dtype on every rank)")
+
+
+def rank_slice(batch: Sequence, rank: int, world_size: int) -> Sequence:
+    """Rank ``rank``'s contiguous 1/world_size of ``batch``; the world size must divide the batch."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if len(batch) % world_size:
+        raise ValueError(f"the global batch of {len(batch)} examples does not split evenly over {world_size} ranks; "
+                         f"use a batch size that is a multiple of the world size")
+    n = len(batch) // world_size
+    return batch[rank * n:(rank + 1) * n]
+
+
+@dataclass
+class CommStats:
+    """What this rank exchanged: ``calls`` collectives, payload bytes it contributed (``bytes_out``) and received
+    from the others (``bytes_in``), and the wall time spent inside the collectives."""
+    calls: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+
+    def snapshot(self) -> "CommStats":
+        return CommStats(self.calls, self.bytes_out, self.bytes_in, self.seconds)
+
+    def since(self, old: "CommStats") -> "CommStats":
+        return CommStats(self.calls - old.calls, self.bytes_out - old.bytes_out, self.bytes_in - old.bytes_in,
+                         self.seconds - old.seconds)
+
+
+class DataParallelLoss:
+    """``fn(model, global_batch) -> float``: this rank's slice, losses exchanged, the global value on every rank.
+
+    Args:
+        objective: a built-in objective (``obj(batch, model=model) -> ObjectiveOutput``) or a callable
+            ``fn(model, batch)`` returning an ``ObjectiveOutput`` (``reduce="sum"`` also takes a float: the mean).
+        kind: ``"ce" | "neg_accuracy" | "neg_f1"`` as in ``objectives.objective_value``.
+        reduce: ``"gather"`` (default): all-gather the per-example values, fixed rank order, so every rank reduces
+            the identical [B] vector exactly as a single process would; ``"sum"``: all-reduce one float64 sum per
+            forward (CE only; 8 bytes, but the summation order is the backend's).
+    """
+
+    def __init__(self, objective: Callable, kind: str = "ce", reduce: str = "gather", group=None):
+        if reduce not in ("gather", "sum"):
+            raise ValueError(f"reduce must be 'gather' or 'sum', got {reduce!r}")
+        if kind not in ("ce", "neg_accuracy", "neg_f1"):
+            raise ValueError(f"unknown objective kind {kind!r}")
+        if reduce == "sum" and kind != "ce":
+            raise ValueError("reduce='sum' averages losses; accuracy/F1 objectives need reduce='gather'")
+        if not callable(objective):
+            raise TypeError(f"objective must be callable, got {type(objective).__name__}")
+        self.objective, self.kind, self.reduce, self.group = objective, kind, reduce, group
+        self.stats = CommStats()
+
+    def _forward(self, model, batch) -> ObjectiveOutput | float:
+        if isinstance(self.objective, (MaskedLMObjective, CausalLMObjective)):   # model= picks the module to run
+            return self.objective(batch, model=model)
+        return self.objective(model, batch)
+
+    def __call__(self, model, batch: Sequence) -> float:
+        if not _active():
+            out = self._forward(model, batch)
+            return objective_value(out, self.kind) if isinstance(out, ObjectiveOutput) else float(out)
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        out = self._forward(model, rank_slice(batch, rank, world))
+        if self.reduce == "sum":
+            n = len(batch) // world
+            local = out.per_example.double().sum() if isinstance(out, ObjectiveOutput) else float(out) * n
+            buf = torch.tensor([float(local)], dtype=torch.float64, device=self._device(out))
+            self._timed(lambda: dist.all_reduce(buf, group=self.group), buf.numel() * 8, buf.numel() * 8)
+            return float(buf[0]) / len(batch)
+        if not isinstance(out, ObjectiveOutput):
+            raise TypeError("reduce='gather' needs per-example losses: the objective must return an ObjectiveOutput")
+        rows = [out.per_example.float()]
+        if self.kind != "ce":       # predictions and labels are small ints: exact in fp32
+            rows += [out.preds.float(), out.labels.float()]
+        mine = torch.stack(rows).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        nbytes = mine.numel() * mine.element_size()
+        self._timed(lambda: dist.all_gather(parts, mine, group=self.group), nbytes, nbytes * (world - 1))
+        full = torch.cat(parts, dim=1)                             # rank order = global batch order
+        per = full[0]
+        if self.kind == "ce":
+            return float(per.mean().item())                        # the single-process reduction, same order
+        glob = ObjectiveOutput(per.mean(), per, torch.empty(0), full[1].long(), full[2].long())
+        return objective_value(glob, self.kind)
+
+    @staticmethod
+    def _device(out) -> torch.device:
+        return out.per_example.device if isinstance(out, ObjectiveOutput) else torch.device("cpu")
+
+    def _timed(self, op: Callable[[], Any], out_bytes: int, in_bytes: int) -> None:
+        t0 = time.perf_counter()
+        op()
+        self.stats.seconds += time.perf_counter() - t0             # blocking: gloo and CPU-side NCCL waits
+        self.stats.calls += 1
+        self.stats.bytes_out += out_bytes
+        self.stats.bytes_in += in_bytes
+
+
+# ----------------------------------------------------------------------------------------------- tensor parallel
+def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s part of ``size`` rows (``torch.tensor_split`` sizes: the first
+    ``size % world_size`` ranks get one more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    q, r = divmod(size, world_size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (rank < r)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One trainable parameter as this rank holds it.
+
+    ``tensor``: the local piece (contiguous); ``full_shape``: the unsharded shape; ``dim``: None (replicated:
+    the whole tensor), 0 (rows ``start:start+n`` of any tensor) or 1 (columns ``start:start+n`` of a 2-d weight).
+    """
+    name: str
+    tensor: torch.Tensor
+    full_shape: tuple[int, ...]
+    dim: int | None = None
+    start: int = 0
+
+
+def sharded_params(shards: Sequence[Shard]) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
+    """``(params, bases)`` for ``MeZO(params, bases=bases)`` so that every local element gets the z of its global
+    index in the *unsharded* parameter list (the list's order is the unsharded ``trainable_parameters`` order).
+
+    A row shard of a contiguous tensor is one contiguous range of the flat parameter: one entry, base
+    ``base + start * row_numel``. A column shard is not contiguous in the unsharded flat order, so it becomes one
+    entry per row (a ``[1, n]`` view, still 2-d so weight decay treats it as a matrix), base
+    ``base + row * cols + start``. Bases need not be multiples of 4.
+    """
+    full_bases = rng.default_bases(_numel(s.full_shape) for s in shards)
+    params: list[tuple[str, torch.Tensor]] = []
+    bases: list[int] = []
+    for s, base in zip(shards, full_bases):
+        t, full = s.tensor, tuple(int(d) for d in s.full_shape)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{s.name}: shard tensor must be a torch.Tensor, got {type(t).__name__}")
+        if s.dim is None:
+            if tuple(t.shape) != full:
+                raise ValueError(f"{s.name}: replicated tensor has shape {tuple(t.shape)}, expected {full}")
+            params.append((s.name, t)); bases.append(base)
+            continue
+        if s.dim not in (0, 1) or (s.dim == 1 and len(full) != 2):
+            raise ValueError(f"{s.name}: dim must be None, 0, or 1 for a 2-d weight; got dim={s.dim} for {full}")
+        if t.dim() != len(full) or any(a != b for d, (a, b) in enumerate(zip(t.shape, full)) if d != s.dim):
+            raise ValueError(f"{s.name}: shard shape {tuple(t.shape)} does not match full shape {full} "
+                             f"outside dim {s.dim}")
+        if s.start < 0 or s.start + t.shape[s.dim] > full[s.dim]:
+            raise ValueError(f"{s.name}: shard [{s.start}, {s.start + t.shape[s.dim]}) of dim {s.dim} lies outside "
+                             f"its size {full[s.dim]}")
+        if not t.is_contiguous():
+            raise ValueError(f"{s.name}: shard tensor must be contiguous")
+        if s.dim == 0:
+            params.append((s.name, t)); bases.append(base + s.start * _numel(full[1:]))
+        else:
+            cols = full[1]
+            for r in range(full[0]):
+                params.append((f"{s.name}[row {r}]", t[r:r + 1])); bases.append(base + r * cols + s.start)
+    return params, bases
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
