@@ -2,6 +2,7 @@
 kill + restart from the seed log == uninterrupted, and the seed log of a 2-process run replays on one process."""
 import json
 import os
+import signal
 import random
 import socket
 import subprocess
@@ -285,9 +286,17 @@ def _env():
 def _torchrun(*argv, restarts=0, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            f"--max-restarts={restarts}", "--monitor-interval=0.2", *argv]
-    r = subprocess.run(cmd, env={**_env(), **env}, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    # own process group: on a hang the timeout kills torchrun *and* its workers, leaving no orphans behind
+    p = subprocess.Popen(cmd, env={**_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail("torchrun hung for 180 s: " + (out[-2000:] + err[-2000:]))
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _adapter(out, sub="adapter"):
