@@ -37,7 +37,7 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     protocol: str = "kshot"
     k: int = 16
-    steps: int = 300
+    steps: int = 500
     seed: int = 0
     lr: float = 1e-3
     eps: float = 1e-2
