@@ -1,6 +1,7 @@
 """Shared fixtures. TRITON_INTERPRET must be set before triton is first imported (it is read when @triton.jit
 decorates), so that CI, which has no GPU, runs the Triton kernels through the interpreter."""
 import os
+import random
 
 import pytest
 import torch
@@ -40,3 +41,18 @@ def guards_intact(buf: torch.Tensor, n: int, guard: int = 67) -> bool:
 
 # explicit (atol, rtol) per dtype: one rounding of the result, plus the spec's 1e-6 on z scaled by |beta|
 TOL = {torch.float32: (1e-6, 2.4e-7), torch.float16: (1e-3, 9.8e-4), torch.bfloat16: (8e-3, 7.9e-3)}
+
+
+_WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A small synthetic SST-2 folder (80 train, 24 dev rows, GLUE TSV format) for end-to-end CLI tests."""
+    d = tmp_path_factory.mktemp("data")
+    r = random.Random(0)
+    (d / "sst2").mkdir()
+    for split, n in (("train", 80), ("dev", 24)):
+        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(_WORDS) for _ in range(6)) for i in range(n)]
+        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(d)

@@ -242,7 +242,6 @@ def test_shard_helpers_validate():
 
 
 # ----------------------------------------------------------------------------------------------- torchrun + CLI
-WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
 STEPS = 20
 # rank 1 dies in the middle of step 9 on the first attempt; torchrun restarts both ranks, which resume from the log
 KILLER = """
@@ -259,17 +258,6 @@ if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ["RANK
 from mezo_kernels.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    r = random.Random(0)
-    (d / "sst2").mkdir()
-    for split, n in (("train", 80), ("dev", 24)):
-        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(WORDS) for _ in range(6)) for i in range(n)]
-        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
 
 
 def _args(data_dir, out, *extra):

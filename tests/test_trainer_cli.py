@@ -1,6 +1,5 @@
 """End to end on tiny random models: `mezo-kernels train | eval | replay`, resume, artifacts, objectives."""
 import json
-import random
 
 import pytest
 import torch
@@ -10,19 +9,6 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from mezo_kernels.cli import main  # noqa: E402
-
-WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    r = random.Random(0)
-    (d / "sst2").mkdir()
-    for split, n in (("train", 80), ("dev", 24)):
-        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(WORDS) for _ in range(6)) for i in range(n)]
-        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
 
 
 def train(data_dir, out, *extra):
