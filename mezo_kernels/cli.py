@@ -23,7 +23,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=_DEMO.task, choices=["sst2", "rte"])
     p.add_argument("--model", default=_DEMO.model,
                    help="smollm2-135m | tiny-llama | tiny-opt | tiny-roberta | tiny-bert | HF id or path")
-    p.add_argument("--data-dir", default=None, help="folder with sst2/ and rte/ (else $MEZO_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="folder with sst2/ and rte/ (else $MEZO_DATA_DIR, else ../shared/data)")
     p.add_argument("--protocol", default=_DEMO.protocol, choices=["kshot", "opt"])
     p.add_argument("--k", type=int, default=_DEMO.k, help="examples per class (kshot protocol)")
     p.add_argument("--seed", type=int, default=_DEMO.seed)

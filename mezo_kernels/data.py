@@ -110,7 +110,8 @@ def read_glue_tsv(path: str | os.PathLike, task: str) -> list[Example]:
 
 
 def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
-    """The data folder: ``arg`` (a command-line flag) if given, else ``$MEZO_DATA_DIR``.
+    """The data folder: ``arg`` (a command-line flag) if given, else ``$MEZO_DATA_DIR``, else ``../shared/data``
+    (from the working directory) when it holds ``sst2/``.
 
     Raises ValueError when neither is set, FileNotFoundError when the folder does not exist; both messages say
     how to set it.
@@ -119,7 +120,11 @@ def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
     if arg is None or str(arg) == "":
         env = os.environ.get(DATA_DIR_ENV, "")
         if not env:
-            raise ValueError(f"no data directory given: {how}")
+            # the project's own layout (a checkout beside shared/): lets `mezo-kernels train` run with no options
+            beside = Path.cwd().parent / "shared" / "data"
+            if (beside / "sst2").is_dir():
+                return beside
+            raise ValueError(f"no data directory given (and no ../shared/data): {how}")
         arg, source = env, f"${DATA_DIR_ENV}"
     else:
         source = "the data-dir argument"

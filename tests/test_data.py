@@ -62,8 +62,12 @@ def test_unknown_task(tmp_path):
 
 def test_resolve_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("MEZO_DATA_DIR", raising=False)
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")                 # no ../shared/data beside the working directory
     with pytest.raises(ValueError, match="MEZO_DATA_DIR"):
         resolve_data_dir(None)
+    (tmp_path / "shared" / "data" / "sst2").mkdir(parents=True)
+    assert resolve_data_dir(None) == tmp_path / "shared" / "data"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_data_dir(tmp_path / "nope")
     assert resolve_data_dir(str(tmp_path)) == tmp_path

@@ -89,6 +89,7 @@ def test_masked_lm_trains_too(data_dir, tmp_path):
 
 def test_bad_invocations_exit_2_with_a_message(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MEZO_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)                       # no ../shared/data fallback from here
     assert main(["train", "--model", "tiny-llama", "--output-dir", str(tmp_path), "--no-progress"]) == 2
     assert "data" in capsys.readouterr().err
     assert main(["train", "--model", "tiny-llama", "--data-dir", str(tmp_path / "nope"),
