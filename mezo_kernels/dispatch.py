@@ -34,6 +34,7 @@ class Group(Protocol):
     bases: list[int]
     dtype: torch.dtype
     device: torch.device
+    aligned: bool            # every base is a multiple of 4
 
     def tables(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -67,7 +68,7 @@ def _load(modname: str):
 class _Ext:
     def __init__(self, name: str, modname: str):
         self.name, self.modname, self._mod, self._why = name, modname, None, None
-        self._loaded = False
+        self._loaded, self._chunk = False, 0
 
     def module(self):
         if not self._loaded:
@@ -77,7 +78,9 @@ class _Ext:
 
     @property
     def chunk(self) -> int:
-        return int(self.module().chunk_size())
+        if not self._chunk:
+            self._chunk = int(self.module().chunk_size())
+        return self._chunk
 
     def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int) -> None:
         meta, chunks = g.tables(self.chunk)
@@ -102,9 +105,8 @@ class _Triton:
 
     def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int) -> None:
         meta, chunks = g.tables(self.chunk)
-        aligned = all(b % 4 == 0 for b in g.bases)
         self.module().launch(meta, chunks, meta.shape[1], chunks.shape[0], g.dtype, mode, seed,
-                             alpha, beta, gamma, aligned)
+                             alpha, beta, gamma, g.aligned)
 
 
 class _Torch:

@@ -48,7 +48,8 @@ class ObjectiveOutput:
     labels: torch.Tensor
 
 
-def _finish(scores: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
+def from_scores(scores: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
+    """The output for class ``scores`` [B, C] and gold ``labels`` [B]: CE per example, its mean, argmax."""
     scores = scores.float()
     per = F.cross_entropy(scores, labels, reduction="none")
     return ObjectiveOutput(per.mean(), per, scores, scores.argmax(-1), labels)
@@ -136,7 +137,7 @@ class MaskedLMObjective:
         rows = torch.arange(logits.shape[0], device=dev)
         at_mask = logits[rows, enc["mask_pos"].to(dev)]               # [B, V]
         scores = at_mask[:, self.word_ids.to(dev)]                     # [B, C]
-        return _finish(scores, enc["labels"].to(dev))
+        return from_scores(scores, enc["labels"].to(dev))
 
     def __call__(self, batch: Sequence[Example], model: nn.Module | None = None) -> ObjectiveOutput:
         return self.forward(self.encode(batch), model)
@@ -236,7 +237,7 @@ class CausalLMObjective:
         scores = torch.zeros(B * C, dtype=torch.float32, device=dev).index_add(0, enc["tgt_row"].to(dev), tok_lp)
         if self.length_normalize:
             scores = scores / enc["cont_len"].to(dev)
-        return _finish(scores.view(B, C), enc["labels"].to(dev))
+        return from_scores(scores.view(B, C), enc["labels"].to(dev))
 
     def __call__(self, batch: Sequence[Example], model: nn.Module | None = None) -> ObjectiveOutput:
         return self.forward(self.encode(batch), model)

@@ -30,6 +30,7 @@ class _Group:
     def __init__(self, tensors: list[torch.Tensor], bases: list[int], masters: list[torch.Tensor] | None):
         self.tensors, self.bases, self.masters = tensors, bases, masters
         self.dtype, self.device = tensors[0].dtype, tensors[0].device
+        self.aligned = all(b % 4 == 0 for b in bases)   # every tensor starts on a Philox counter: fast path
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,10 +87,7 @@ def evaluate(model, objective, examples: Sequence[data.Example], batch_size: int
     with torch.no_grad():
         for i in range(0, len(ordered), batch_size):
             outs.append(objective(ordered[i:i + batch_size], model=model))
-    cat = objectives.ObjectiveOutput.__new__(objectives.ObjectiveOutput)
-    for name in ("loss", "per_example", "logits", "preds", "labels"):
-        vals = [getattr(o, name) for o in outs]
-        setattr(cat, name, torch.stack(vals).mean() if name == "loss" else torch.cat(vals))
+    cat = objectives.from_scores(torch.cat([o.logits for o in outs]), torch.cat([o.labels for o in outs]))
     return {"accuracy": objectives.accuracy(cat), "f1": objectives.f1(cat),
             "loss": float(cat.per_example.mean()), "n": len(examples)}
 
