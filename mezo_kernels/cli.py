@@ -29,6 +29,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=_DEMO.seed)
     p.add_argument("--max-length", type=int, default=_DEMO.max_length)
     p.add_argument("--chat", action="store_true", help="wrap causal prompts in the tokenizer's chat template")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="plain forwards: no shared-prefix KV, frozen-layer or eval-cache reuse (same results)")
     p.add_argument("--eval-max", type=int, default=_DEMO.eval_max, help="cap evaluated examples (0: all)")
     p.add_argument("--dtype", default=_DEMO.dtype, choices=["float32", "bfloat16", "float16"])
 
@@ -51,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", type=int, default=_DEMO.lora_r)
     t.add_argument("--lora-alpha", type=int, default=_DEMO.lora_alpha)
     t.add_argument("--lora-targets", default=None, help="comma-separated module names (default per model)")
+    t.add_argument("--lora-first-layer", type=int, default=_DEMO.lora_first_layer,
+                   help="LoRA only on layers >= K (the frozen layers below are computed once per step)")
     t.add_argument("--eval-every", type=int, default=_DEMO.eval_every)
     t.add_argument("--backend", default=_DEMO.backend, choices=["auto", "triton", "cuda", "cpu", "torch"])
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its seed log")
@@ -76,6 +80,7 @@ def _train(a) -> int:
                       batch_size=a.batch_size, n_directions=a.n_directions, weight_decay=a.weight_decay,
                       schedule=a.schedule, objective=a.objective, lora=not a.full_param, lora_r=a.lora_r,
                       lora_alpha=a.lora_alpha, max_length=a.max_length, chat=a.chat,
+                      prefix_reuse=not a.no_prefix_reuse, lora_first_layer=a.lora_first_layer,
                       lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
                       eval_every=a.eval_every, eval_max=a.eval_max, backend=a.backend, dtype=a.dtype,
                       resume=a.resume)
@@ -92,7 +97,7 @@ def _eval(a) -> int:
     from . import data
     from .trainer import build, evaluate
     cfg = TrainConfig(task=a.task, model=a.model, seed=a.seed, max_length=a.max_length, chat=a.chat,
-                      lora=False, dtype=a.dtype)
+                      lora=False, dtype=a.dtype, prefix_reuse=not a.no_prefix_reuse)
     model, _, _, obj, _ = build(cfg)
     if a.adapter:
         from peft import PeftModel
@@ -102,7 +107,9 @@ def _eval(a) -> int:
     from .trainer import _capped
     ex = _capped(getattr(splits, a.split), a.eval_max, a.seed)
     res = evaluate(model, obj, ex, a.batch_size)
-    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter, **res}))
+    engine = getattr(obj, "engine", None)
+    fwd = {"forward": engine.stats.as_dict()} if engine is not None else {}
+    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter, **res, **fwd}))
     return 0
 
 

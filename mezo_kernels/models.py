@@ -248,12 +248,14 @@ def _model_type(model: nn.Module) -> str:
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: Sequence[str] | None = None,
-             dropout: float = 0.0):
+             dropout: float = 0.0, first_layer: int = 0):
     """Wrap ``model`` in a peft LoRA model: ``W x + (alpha / r) B A x`` on the ``targets`` linear layers.
 
     ``targets=None`` picks per architecture (:data:`LORA_TARGETS`: llama/opt ``q_proj, v_proj``;
     roberta/bert ``query, value``). Only the LoRA ``A``/``B`` matrices are trainable afterwards (B starts at
     zero, so the wrapped model computes the same function). ``model`` itself is modified in place by peft.
+    ``first_layer`` > 0 puts LoRA on decoder layers ``first_layer..`` only; the layers below stay frozen, which
+    the forward engine exploits (their outputs are computed once per MeZO step).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -264,8 +266,12 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: Sequence[st
         targets = LORA_TARGETS[mtype]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_names
     causal = type(model).__name__ == causal_names.get(mtype)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if first_layer and (n_layers is None or not 0 <= first_layer < n_layers):
+        raise ValueError(f"first_layer={first_layer} is not a layer of this model ({n_layers} layers)")
+    layers = list(range(first_layer, n_layers)) if first_layer else None
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                     task_type=TaskType.CAUSAL_LM if causal else None)
+                     task_type=TaskType.CAUSAL_LM if causal else None, layers_to_transform=layers)
     peft_model = get_peft_model(model, cfg)
     peft_model.eval()
     return peft_model

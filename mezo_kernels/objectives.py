@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Example
+from .forward import ForwardEngine, unwrap
 from .tasks import Task
 
 __all__ = ["ObjectiveOutput", "MaskedLMObjective", "CausalLMObjective", "accuracy", "f1", "objective_value",
@@ -153,14 +154,18 @@ class CausalLMObjective:
     example is run (identical result, C times less work). Prompts are cut from the left to fit ``max_length``.
 
     ``chat=True`` wraps prompts in the tokenizer's chat template (instruct models); off by default.
+    ``engine``: the :class:`~mezo_kernels.forward.ForwardEngine` that runs the model (default: every exact reuse
+    on; ``ForwardEngine.plain()`` for the plain forward). Rows sharing a prompt prefix (a chat template, the
+    candidates of one example) then share its computation.
     ``encode`` -> dict of ``input_ids``/``attention_mask`` [R, T], ``tgt_pos``/``tgt_ids``/``tgt_row`` [N] (the
     position predicting each continuation token, the token, the (b, c) slot ``b * C + c``), ``cont_len`` [B*C],
     ``labels`` [B].
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, task: Task, max_length: int = 128,
-                 length_normalize: bool = True, chat: bool = False) -> None:
+                 length_normalize: bool = True, chat: bool = False, engine: ForwardEngine | None = None) -> None:
         self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.engine = engine if engine is not None else ForwardEngine()
         self.max_length, self.length_normalize, self.chat = max_length, length_normalize, chat
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but tokenizer {type(tokenizer).__name__} has no chat template")
@@ -218,20 +223,11 @@ class CausalLMObjective:
                 "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long)}
 
     def forward(self, enc: dict[str, torch.Tensor], model: nn.Module | None = None) -> ObjectiveOutput:
-        """Run the model on an encoded batch and score it."""
+        """Run the model on an encoded batch (through the forward engine) and score it."""
         model = model if model is not None else self.model
         dev = _device(model)
-        # only the positions that predict continuation tokens need the LM head
-        keep, where = torch.unique(enc["tgt_pos"], return_inverse=True)
-        kwargs: dict[str, Any] = {}
-        if _accepts_logits_to_keep(model):
-            kwargs["logits_to_keep"] = keep.to(dev)
-            col = where
-        else:
-            col = enc["tgt_pos"]
-        logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                       **kwargs).logits
-        sel = logits[enc["tgt_r"].to(dev), col.to(dev)].float()                 # [N, V]
+        sel = self.engine.logits_at(model, enc["input_ids"], enc["attention_mask"], enc["tgt_r"],
+                                    enc["tgt_pos"]).float()                            # [N, V]
         tok_lp = sel.log_softmax(-1).gather(1, enc["tgt_ids"].to(dev)[:, None])[:, 0]   # [N]
         B, C = len(enc["labels"]), self.task.num_classes
         scores = torch.zeros(B * C, dtype=torch.float32, device=dev).index_add(0, enc["tgt_row"].to(dev), tok_lp)
@@ -243,27 +239,11 @@ class CausalLMObjective:
         return self.forward(self.encode(batch), model)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-    base = _unwrap(model)
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
 def model_kind(model: nn.Module) -> Literal["masked", "causal", "unknown"]:
     """``"masked"`` for a ``*ForMaskedLM``, ``"causal"`` for a ``*ForCausalLM`` (also inside peft wrappers)."""
     from transformers.models.auto import modeling_auto as ma
 
-    name = type(_unwrap(model)).__name__
+    name = type(unwrap(model)).__name__
     if name in set(ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) or name.endswith("ForMaskedLM"):
         return "masked"
     causal = {v for v in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if isinstance(v, str)}
@@ -282,7 +262,7 @@ def make_objective(model: nn.Module, tokenizer: Any, task: Task, kind: Literal["
     if kind == "auto":
         detected = model_kind(model)
         if detected == "unknown":
-            raise ValueError(f"cannot tell whether {type(_unwrap(model)).__name__} is a masked or causal LM; "
+            raise ValueError(f"cannot tell whether {type(unwrap(model)).__name__} is a masked or causal LM; "
                              "pass kind='masked' or kind='causal'")
         kind = detected
     if kind == "masked":

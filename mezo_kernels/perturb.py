@@ -16,6 +16,7 @@ import contextlib
 from typing import Iterable, Iterator, Sequence, Union
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import dispatch as _bk
 from . import rng
@@ -177,6 +178,9 @@ class ParamSet:
                 self._backend.launch(g, seed, *master, master_mode)
             else:
                 self._backend.launch(g, seed, plain[0], plain[1], 0.0, _bk.AXPBY)
+            # the kernels write through raw pointers, which PyTorch cannot see: bump each tensor's version
+            # counter as an in-place op would, so version-keyed caches (the forward engine's) never go stale
+            increment_version(g.tensors)
             self.launches += 1
         self.version += 1
 

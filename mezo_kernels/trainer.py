@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from . import data, distributed, models, objectives, tasks
+from .forward import ForwardEngine
 from .optim import MeZO
 from .seedlog import SeedLogWriter, read_log
 
@@ -50,8 +51,10 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] | None = None
+    lora_first_layer: int = 0           # LoRA on layers >= this one; the frozen layers below run once per step
     max_length: int = 64
     chat: bool = False
+    prefix_reuse: bool = True           # forward engine reuse (prefix KV, frozen layers, eval cache); exact
     eval_every: int = 100
     eval_split: str = "dev"             # periodic evaluation split
     final_split: str = "test"           # before/after evaluation split (kshot: the original GLUE dev set)
@@ -69,10 +72,12 @@ def build(cfg: TrainConfig):
     model, tok, kind = models.load_model(cfg.model, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
     if cfg.lora:
         torch.manual_seed(cfg.seed)            # peft draws LoRA A from the global generator
-        model = models.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        model = models.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                first_layer=cfg.lora_first_layer)
     kw = {"max_length": cfg.max_length}
     if kind == "causal":
         kw["chat"] = cfg.chat
+        kw["engine"] = ForwardEngine() if cfg.prefix_reuse else ForwardEngine.plain()
     obj = objectives.make_objective(model, tok, task, kind=kind, **kw)
     return model, tok, task, obj, models.trainable_parameters(model)
 
@@ -212,6 +217,9 @@ def _train(cfg: TrainConfig, progress: bool, multi: bool, main: bool, info: dist
     summary.update(steps=opt.step_count, train_seconds=round(train_s, 1),
                    zero_grad_rate=opt.zero_grad_steps / max(1, opt.step_count),
                    skipped_directions=opt.skipped_directions, new_zero_grad_steps=opt.zero_grad_steps - zero)
+    engine = getattr(obj, "engine", None)
+    if engine is not None:
+        summary["forward"] = engine.stats.as_dict()
     if multi:
         c, n = loss_fn.stats.since(comm_start), max(1, opt.step_count - first_step)   # a resume replays the rest
         summary["distributed"] = {"world_size": info.world_size, "backend": info.backend,
@@ -234,7 +242,7 @@ def _resume_state(cfg: TrainConfig, cfg_json: dict, out: Path, log_path: Path) -
     if not (cfg.resume and log_path.exists()):
         return False, []
     old = json.loads((out / "config.json").read_text())
-    free = ("resume", "eval_every") + (("steps",) if cfg.schedule == "constant" else ())  # linear lr needs steps
+    free = ("resume", "eval_every", "prefix_reuse") + (("steps",) if cfg.schedule == "constant" else ())  # linear lr needs steps
     changed = {k for k in cfg_json if k not in free and old.get(k) != cfg_json[k]}
     if changed:
         raise ValueError(f"--resume with different settings than the logged run: {sorted(changed)}")

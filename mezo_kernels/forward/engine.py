@@ -1,0 +1,327 @@
+"""The forward engine: logits at chosen positions, computing as little as the weights allow, never stale.
+
+* Prefix reuse: rows (and candidates) that share leading tokens are grouped (plan.py); each shared prefix runs once
+  and its K/V serve every row of its group in place (llama.py, attention.py).
+* Frozen-layer reuse: when the trainable weights start at layer k, the hidden states entering layer k depend only
+  on frozen weights and the tokens; they are computed once per batch and reused by both MeZO passes and all n
+  directions of a step.
+* Eval cache: with fixed weights, a prefix computed for one batch serves later batches (e.g. a system prompt or
+  few-shot demonstrations during evaluation).
+
+Every cached tensor is keyed by a *weight version*: the ``(data_ptr, _version)`` of each parameter it depends on.
+PyTorch bumps ``_version`` on every in-place write (and ``ParamSet`` bumps it after each kernel launch), and a
+replaced tensor has another address, so a cache entry can never be used after a weight it depends on changed.
+Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import kernel_for, sdpa_kernels_used
+from .llama import GroupLayout, LlamaRunner, unsupported_reason
+from .plan import Plan, plan_prefixes
+
+
+@dataclass
+class EngineStats:
+    """Counters since construction (or :meth:`ForwardEngine.reset_stats`). Token-layers count padded tokens
+    times layers actually run; ``plain_token_layers`` is what the plain padded forward would have run."""
+
+    forwards: int = 0
+    plain_token_layers: int = 0
+    run_token_layers: int = 0
+    frozen_hits: int = 0
+    frozen_misses: int = 0
+    prefix_cache_lookups: int = 0      # groups needed by reuse forwards
+    prefix_cache_hits: int = 0         # of which served from the eval cache
+    kernels: set = field(default_factory=set)
+    fallback: str | None = None        # why the plain forward ran, if it did
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.run_token_layers / self.plain_token_layers if self.plain_token_layers else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_lookups if self.prefix_cache_lookups else 0.0
+
+    def as_dict(self) -> dict:
+        return {"forwards": self.forwards, "saved_fraction": round(self.saved_fraction, 4),
+                "frozen_hits": self.frozen_hits, "frozen_misses": self.frozen_misses,
+                "prefix_cache_hits": self.prefix_cache_hits, "prefix_cache_lookups": self.prefix_cache_lookups,
+                "prefix_hit_rate": round(self.prefix_hit_rate, 4), "attention": sorted(self.kernels),
+                "fallback": self.fallback}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _version(params) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Each row's real tokens and the column where they start (left or right padding, contiguous mask)."""
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be [rows, tokens]")
+    ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
+    lengths, starts = mask.sum(1), mask.int().argmax(1)
+    rows = []
+    for r in range(ids.shape[0]):
+        n, s = int(lengths[r]), int(starts[r])
+        if n == 0 or not bool(mask[r, s:s + n].all()):
+            raise ValueError(f"row {r}: the attention mask must be one contiguous run of ones (left or right padding)")
+        rows.append(ids[r, s:s + n].tolist())
+    return rows, starts.tolist()
+
+
+class ForwardEngine:
+    """``logits_at(model, input_ids, attention_mask, rows, cols)`` -> [N, V] logits of row ``rows[i]`` at column
+    ``cols[i]`` (columns index ``input_ids``; any padding side).
+
+    prefix_reuse, frozen_reuse, eval_cache: the three reuses (module docstring); all off = the plain forward.
+    min_prefix: shortest prefix worth grouping. cache_entries: eval-cache capacity (prefixes).
+    """
+
+    def __init__(self, prefix_reuse: bool = True, frozen_reuse: bool = True, eval_cache: bool = True,
+                 min_prefix: int = 4, cache_entries: int = 16) -> None:
+        self.prefix_reuse, self.frozen_reuse, self.eval_cache = prefix_reuse, frozen_reuse, eval_cache
+        self.min_prefix, self.cache_entries = min_prefix, cache_entries
+        self.stats = EngineStats()
+        self._runners: dict[int, tuple[nn.Module, LlamaRunner]] = {}
+        self._kv: OrderedDict[tuple, list] = OrderedDict()      # (version, prefix) -> [(k, v)] per layer
+        self._frozen: OrderedDict[tuple, tuple] = OrderedDict()  # (tokens, k, version) -> state at layer k
+
+    @classmethod
+    def plain(cls) -> "ForwardEngine":
+        return cls(prefix_reuse=False, frozen_reuse=False, eval_cache=False)
+
+    @property
+    def reuses(self) -> bool:
+        return self.prefix_reuse or self.frozen_reuse or self.eval_cache
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    def clear(self) -> None:
+        self._kv.clear()
+        self._frozen.clear()
+
+    # ----------------------------------------------------------------------------------------- entry point
+    def logits_at(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        lm = unwrap(model)
+        why = "reuse is off" if not self.reuses else unsupported_reason(lm)
+        self.stats.forwards += 1
+        if why:
+            self.stats.fallback = why
+            return self._plain(model, lm, input_ids, attention_mask, rows, cols)
+        runner = self._runner(lm)
+        toks, starts = _rows(input_ids, attention_mask)
+        rel = cols.cpu() - torch.tensor(starts)[rows.cpu()]
+        lengths = torch.tensor([len(t) for t in toks])
+        if bool(((rel < 0) | (rel >= lengths[rows.cpu()])).any()):
+            raise ValueError("a requested logit position is a padding column")
+        used = sorted(set(rows.tolist()))
+        need = {r: int(rel[rows.cpu() == r].min()) for r in used}
+        dev = next(lm.parameters()).device
+        h, where = self._run(runner, lm, [toks[r] for r in used], [need[r] for r in used], dev)
+        index = {r: i for i, r in enumerate(used)}
+        sr, sc = zip(*[where(index[r], c) for r, c in zip(rows.tolist(), rel.tolist())])
+        self.stats.plain_token_layers += input_ids.numel() * runner.num_layers
+        return runner.logits(h[torch.tensor(sr, device=dev), torch.tensor(sc, device=dev)])
+
+    # ----------------------------------------------------------------------------------------- plain forward
+    def _plain(self, model, lm, input_ids, attention_mask, rows, cols) -> torch.Tensor:
+        dev = next(lm.parameters()).device
+        keep, where = torch.unique(cols, return_inverse=True)
+        kw: dict[str, Any] = {}
+        if _accepts(lm, "logits_to_keep"):        # the LM head runs only where logits are read
+            kw["logits_to_keep"], cols = keep.to(dev), where
+        call = lambda: model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **kw).logits
+        if not self.stats.kernels:                # find out once which SDPA kernel the model really uses
+            logits, seen = sdpa_kernels_used(call)
+            self.stats.kernels.update(seen or ["none (no SDPA call)"])
+        else:
+            logits = call()
+        layers = getattr(lm.config, "num_hidden_layers", 1)
+        self.stats.plain_token_layers += input_ids.numel() * layers
+        self.stats.run_token_layers += input_ids.numel() * layers
+        return logits[rows.to(dev), cols.to(dev)]
+
+    def _runner(self, lm: nn.Module) -> LlamaRunner:
+        hit = self._runners.get(id(lm))
+        if hit is None or hit[0] is not lm:          # a new model at a recycled id: forget the old caches too
+            self.clear()
+            self._runners = {id(lm): (lm, LlamaRunner(lm))}
+            hit = self._runners[id(lm)]
+        return hit[1]
+
+    # ----------------------------------------------------------------------------------------- reuse forward
+    def _first_trainable(self, runner: LlamaRunner) -> int:
+        if not self.frozen_reuse or any(p.requires_grad for p in runner.body.embed_tokens.parameters()):
+            return 0
+        for i, layer in enumerate(runner.layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return runner.num_layers
+
+    def _run(self, runner: LlamaRunner, lm: nn.Module, toks: list[list[int]], need: list[int], dev):
+        """Hidden states of the row batch after the last layer, and f(row, col) -> (batch row, batch col)."""
+        caching = not torch.is_grad_enabled()
+        L = runner.num_layers
+        # the state entering layer k is cached; k = L would leave no layer to run, so the last one always runs
+        k = min(self._first_trainable(runner), L - 1) if caching else 0
+        frozen_key = None
+        if k > 0:
+            frozen_params = [*runner.body.embed_tokens.parameters()]
+            for layer in runner.layers[:k]:
+                frozen_params += list(layer.parameters())
+            frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _version(frozen_params))
+        version = _version(lm.parameters()) if (caching and self.eval_cache) else None
+        state = self._frozen.get(frozen_key) if frozen_key is not None else None
+        if state is not None:
+            self.stats.frozen_hits += 1
+            (plan, cached, saved), start = state, k
+            hidden = list(saved)                # the loop below rebinds entries; the cached list stays intact
+        else:
+            if frozen_key is not None:
+                self.stats.frozen_misses += 1
+            plan = Plan([], [-1] * len(toks), [0] * len(toks))
+            if self.prefix_reuse:
+                nested = plan_prefixes(toks, need, self.min_prefix)
+                # the plan saves real tokens; batches run padded, so keep it only if the padded work shrinks too
+                if _padded_work(nested, toks) < _padded_work(plan, toks):
+                    plan = nested
+            cached = {s: self._kv[(version, seg.path)] for s, seg in enumerate(plan.segments)
+                      if (version, seg.path) in self._kv}
+            hidden, start = None, 0
+        self.stats.prefix_cache_lookups += len(plan.segments)
+        self.stats.prefix_cache_hits += len(cached)
+        levels = [[s for s, seg in enumerate(plan.segments) if seg.level == d] for d in range(plan.levels)]
+        fresh = [[s for s in lev if s not in cached] for lev in levels]
+        batches = [_pad([list(plan.segments[s].tokens) for s in f], [plan.segments[s].start for s in f], dev)
+                   for f in fresh]
+        batches.append(_pad([t[p:] for t, p in zip(toks, plan.plen)], plan.plen, dev))
+        # entries of batch b (levels, then rows) attending to each segment of level j < b
+        chains = [[plan.chain(plan.segments[s].parent) for s in f] for f in fresh]
+        chains.append([plan.chain(o) for o in plan.owner])
+        parts_of = [_layouts(plan, levels, ch, b, dev) for b, ch in enumerate(chains)]
+        if hidden is None:
+            hidden = [runner.embed(ids) if ids.numel() else None for ids, _ in batches]
+        ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
+        self.stats.kernels.add(kernel_for(hidden[-1].device, hidden[-1].dtype))
+        kv_log: list[list] = [[] for _ in levels]            # per level, per layer: (k, v) of its fresh batch
+        for i in range(start, L):
+            if i == k and frozen_key is not None and state is None:
+                self._remember(self._frozen, frozen_key, (plan, cached, list(hidden)), 2)
+            stacks = []
+            for d in range(len(levels)):
+                kf = vf = None
+                if fresh[d]:
+                    parts = [_part(stacks[j], lay) for j, lay in parts_of[d]]
+                    hidden[d], kf, vf = runner.layer(i, hidden[d], ropes[d], parts, kv_only=(i == L - 1))
+                    kv_log[d].append((kf, vf))
+                stacks.append(_stack(plan, levels[d], cached, kf, vf, i))
+            parts = [_part(stacks[j], lay) for j, lay in parts_of[-1]]
+            hidden[-1], _, _ = runner.layer(i, hidden[-1], ropes[-1], parts)
+        self.stats.run_token_layers += sum(ids.numel() for ids, _ in batches) * (L - start)
+        if caching and self.eval_cache and version is not None and start == 0:
+            self._store_segments(version, plan, fresh, kv_log)
+        return hidden[-1], lambda r, c: (r, c - plan.plen[r])
+
+    def _store_segments(self, version, plan: Plan, fresh: list[list[int]], kv_log) -> None:
+        for stale in [key for key in self._kv if key[0] != version]:   # versions never come back: drop them
+            del self._kv[stale]
+        for f, log in zip(fresh, kv_log):
+            for j, s in enumerate(f):
+                n = len(plan.segments[s].tokens)
+                kv = [(kk[j:j + 1, :, :n], vv[j:j + 1, :, :n]) for kk, vv in log]
+                self._remember(self._kv, (version, plan.segments[s].path), kv, self.cache_entries)
+
+    @staticmethod
+    def _remember(store: OrderedDict, key, value, cap: int) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > cap:
+            store.popitem(last=False)
+
+
+def _padded_work(plan: Plan, toks: list[list[int]]) -> int:
+    """Token slots per layer the engine runs for ``plan``: each level's padded segment batch plus the padded rows."""
+    work = len(toks) * max(len(t) - p for t, p in zip(toks, plan.plen))
+    for d in range(plan.levels):
+        lens = [len(s.tokens) for s in plan.segments if s.level == d]
+        work += len(lens) * max(lens)
+    return work
+
+
+def _layouts(plan: Plan, levels: list[list[int]], chains: list[list[int]], b: int, dev) -> list:
+    """For a batch whose entry e sits below the segments ``chains[e]``: (level j, layout) for each level j < b
+    that some entry attends to. The layout's groups are that level's segments, in the level's stack order."""
+    out = []
+    for j in range(min(b, len(levels))):
+        members: dict[int, list[int]] = {}
+        for e, chain in enumerate(chains):
+            seg = next((s for s in chain if plan.segments[s].level == j), None)
+            if seg is not None:
+                members.setdefault(seg, []).append(e)
+        if members:
+            groups = [s for s in levels[j] if s in members]
+            sel = [levels[j].index(s) for s in groups]
+            lay = GroupLayout.build([members[s] for s in groups], [len(plan.segments[s].tokens) for s in groups],
+                                    len(chains), dev)
+            out.append((j, (lay, None if len(sel) == len(levels[j]) else torch.tensor(sel, device=dev))))
+    return out
+
+
+def _part(stack, layout):
+    """(k, v, layout) for one level: the level's K/V stack, cut to the segments the layout uses."""
+    (k, v), (lay, sel) = stack, layout
+    return (k, v, lay) if sel is None else (k.index_select(0, sel), v.index_select(0, sel), lay)
+
+
+def _stack(plan: Plan, level: list[int], cached: dict, kf, vf, i: int):
+    """Layer i's K/V of every segment of one level in level order, [G, Hkv, Pmax, D]; a view of the level batch's
+    K/V when none of them is cached."""
+    if not any(s in cached for s in level):
+        return kf, vf
+    P = max(len(plan.segments[s].tokens) for s in level)
+    ks, vs, j = [], [], 0
+    for s in level:
+        if s in cached:
+            k, v = cached[s][i]
+        else:
+            k, v = kf[j:j + 1], vf[j:j + 1]
+            j += 1
+        n = len(plan.segments[s].tokens)
+        ks.append(torch.nn.functional.pad(k[:, :, :n], (0, 0, 0, P - n)))
+        vs.append(torch.nn.functional.pad(v[:, :, :n], (0, 0, 0, P - n)))
+    return torch.cat(ks), torch.cat(vs)
+
+
+def _pad(seqs: list[list[int]], offsets: list[int], dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [n, T] and positions [n, T] (``offset + index``; padding continues the count)."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    pos = torch.tensor(offsets, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
+    return ids.to(dev), pos.to(dev)
+
+
+def _accepts(lm: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return False
+

@@ -1,0 +1,149 @@
+"""Layer-by-layer forward of a Llama-family causal LM with shared-prefix (cascade) attention.
+
+Per layer the engine runs one batch per nesting level of shared segments (each segment's tokens, once), then the
+batch of rows (each row's own tokens). An entry attends causally to its own tokens and, in place, to the K/V of every
+segment above it; the partial attentions merge through their log-sum-exps (attention.py). Everything else is the model's own modules
+(norms, projections with any peft LoRA wrapped in them, MLP, rotary embedding, LM head), called in the order
+``LlamaDecoderLayer`` calls them, so the result equals the plain forward up to the summation order inside attention.
+
+Every batch is right padded. Hidden states are [entries, tokens, hidden]; K/V are [entries, Hkv, tokens, D] after
+RoPE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import attend, merge
+
+SUPPORTED = ("llama",)
+
+
+def unsupported_reason(lm: nn.Module) -> str | None:
+    """None when :class:`LlamaRunner` can run ``lm`` (an unwrapped ``*ForCausalLM``), else why not."""
+    cfg = getattr(lm, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED:
+        return f"model_type {mtype!r} (prefix/frozen-layer reuse supports {', '.join(SUPPORTED)})"
+    body = getattr(lm, "model", None)
+    if body is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"{type(lm).__name__} does not have the Llama module layout"
+    if lm.training and getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout is active (training mode)"
+    return None
+
+
+@dataclass
+class GroupLayout:
+    """Which entries of a batch attend to which segment of one nesting level.
+
+    slots: [G * n] batch index of every (segment, member) slot; padding slots repeat a member and are dropped.
+    valid: [G * n] bool, False for padding slots (None: no padding). targets: [M] batch index of each valid slot,
+    in slot order. full: every batch entry, in order, is a target (no scatter needed).
+    lengths: [G] segment length per group; uniform: their common length, or None. Keys past a group's length
+    are masked, unless every length equals the K/V width: then no mask at all.
+    """
+
+    slots: torch.Tensor
+    valid: torch.Tensor | None
+    n: int
+    targets: torch.Tensor
+    full: bool
+    lengths: torch.Tensor
+    uniform: int | None
+
+    @staticmethod
+    def build(members: list[list[int]], lengths: list[int], batch: int, device: torch.device) -> "GroupLayout":
+        """members[g]: the batch entries attending to segment g (the g-th entry of that level's K/V stack)."""
+        n = max(len(m) for m in members)
+        slots = [x for m in members for x in m + [m[0]] * (n - len(m))]
+        flags = [f for m in members for f in [True] * len(m) + [False] * (n - len(m))]
+        targets = [x for m in members for x in m]
+        return GroupLayout(torch.tensor(slots, device=device),
+                           None if all(flags) else torch.tensor(flags, device=device), n,
+                           torch.tensor(targets, device=device), targets == list(range(batch)),
+                           torch.tensor(lengths, device=device), lengths[0] if len(set(lengths)) == 1 else None)
+
+
+class LlamaRunner:
+    """Runs ``lm`` (an unwrapped Llama ``*ForCausalLM``; LoRA layers inside it are fine) one layer at a time."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        why = unsupported_reason(lm)
+        if why:
+            raise ValueError(f"cannot run {type(lm).__name__} layer by layer: {why}")
+        self.lm, self.body = lm, lm.model
+        self.layers = list(self.body.layers)[: lm.config.num_hidden_layers]
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.n_kv = lm.config.num_key_value_heads
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        self._rope_apply = apply_rotary_pos_emb
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(ids)
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for ``positions`` [rows, tokens]."""
+        return self.body.rotary_emb(h, positions)
+
+    def _qkv(self, i: int, x: torch.Tensor, rope, need_q: bool = True):
+        a = self.layers[i].self_attn
+        B, L, _ = x.shape
+        k = a.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        v = a.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q = a.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2) if need_q else k
+        q, k = self._rope_apply(q, k, *rope)
+        return q, k, v
+
+    def _finish(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, L, D] -> o_proj, residual, MLP, residual (``LlamaDecoderLayer`` order)."""
+        layer = self.layers[i]
+        B, _, L, _ = o.shape
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def layer(self, i: int, h: torch.Tensor, rope, parts=(), kv_only: bool = False):
+        """Layer i on a batch [B, T, hidden] (right padded). Each entry attends causally to its own tokens and to
+        the segments in ``parts``: ``(k, v, layout)`` per nesting level, k/v [G, Hkv, P, D] of that level's
+        segments. Returns (h_next, k, v); ``kv_only`` (last layer of a segment batch: nothing reads its output)
+        stops after K/V."""
+        x = self.layers[i].input_layernorm(h)
+        q, k, v = self._qkv(i, x, rope, need_q=not kv_only)
+        if kv_only:
+            return None, k, v
+        o, lse = attend(q, k, v, causal=True, scale=self.scale)
+        for pk, pv, layout in parts:
+            o, lse = self._merge_part(q, o, lse, pk, pv, layout)
+        return self._finish(i, h, o), k, v
+
+    def _merge_part(self, q, o, lse, pk, pv, layout: GroupLayout):
+        """Merge attention over one level's segment keys into the running (o, lse) of the entries below them.
+
+        The queries of a segment's n entries and of the query heads sharing one KV head fold into one long query
+        sequence per (segment, KV head): one kernel call for all segments, the segment K/V read in place."""
+        G, hkv = pk.shape[0], pk.shape[1]
+        _, H, S, D = q.shape
+        rep, n = H // hkv, layout.n
+        qg = q.index_select(0, layout.slots).view(G, n, hkv, rep, S, D).permute(0, 2, 3, 1, 4, 5)
+        key_len = None if layout.uniform == pk.shape[2] else layout.lengths
+        og, lg = attend(qg.reshape(G, hkv, rep * n * S, D), pk, pv, causal=False, scale=self.scale, key_len=key_len)
+        og = og.view(G, hkv, rep, n, S, D).permute(0, 3, 1, 2, 4, 5).reshape(G * n, H, S, D)
+        lg = lg.view(G, hkv, rep, n, S).permute(0, 3, 1, 2, 4).reshape(G * n, H, S)
+        if layout.valid is not None:
+            og, lg = og[layout.valid], lg[layout.valid]
+        if layout.full:
+            return merge(o, lse, og, lg)
+        t = layout.targets
+        mo, ml = merge(o.index_select(0, t), lse.index_select(0, t), og, lg)
+        return o.index_copy(0, t, mo), lse.index_copy(0, t, ml)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on selected hidden states [N, hidden] -> [N, V]."""
+        return self.lm.lm_head(self.body.norm(h))
