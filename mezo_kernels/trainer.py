@@ -234,6 +234,12 @@ def _train(cfg: TrainConfig, progress: bool, multi: bool, main: bool, info: dist
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"after: {_split_name(cfg)} accuracy {summary['after']['accuracy']:.4f} (n={summary['after']['n']})",
           flush=True)
+    if "forward" in summary:
+        f = summary["forward"]
+        why = f" (plain forward: {f['fallback']})" if f["fallback"] else ""
+        print(f"forward engine: attention {', '.join(f['attention'])}; token-layer work saved "
+              f"{100 * f['saved_fraction']:.1f}%, frozen-layer hits {f['frozen_hits']}, eval-cache hits "
+              f"{f['prefix_cache_hits']}/{f['prefix_cache_lookups']}{why}", flush=True)
     return summary
 
 

@@ -64,6 +64,26 @@ def test_no_stale_reuse_after_any_weight_write(write, first_layer):
     assert not torch.allclose(after, before, atol=1e-3)
 
 
+def test_frozen_state_never_keeps_eval_cache_kv():
+    """Eval-cache K/V belong to one weight version; a frozen-layer state is reused across versions. Batch B's
+    state is built while batch A's template segment sits in the eval cache; after a trainable-weight update, B's
+    frozen hit must not reuse that segment's old K/V."""
+    model = _model(first_layer=1)
+    g = torch.Generator().manual_seed(8)
+    template = torch.randint(10, 500, (16,), generator=g).tolist()
+    rows = [template + torch.randint(10, 500, (8,), generator=g).tolist() for _ in range(6)]
+    a, b = rows[:3], rows[3:]
+    eng = ForwardEngine()
+    _call(eng, model, a)
+    _call(eng, model, b)
+    assert eng.stats.prefix_cache_lookups == 2              # one template segment per batch
+    with torch.no_grad():
+        models.trainable_parameters(model)[-1][1].add_(0.3)
+    hits = eng.stats.frozen_hits
+    torch.testing.assert_close(_call(eng, model, b), _plain(model, b), atol=ATOL_F32, rtol=1e-5)
+    assert eng.stats.frozen_hits == hits + 1
+
+
 def test_eval_cache_serves_later_batches():
     model = _model()
     rows = _rows(4, n=12, shared=20)

@@ -53,10 +53,16 @@ def _run(q, k, v, causal: bool, mask: torch.Tensor | None, scale: float) -> tupl
         r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return r[0], r[1].to(acc)
     if q.device.type == "cuda":
-        # memory-efficient kernel: takes an additive bias and pads the lse to a multiple of 32 query rows
+        # memory-efficient kernel: takes an additive bias and pads the lse to a multiple of 32 query rows.
+        # Not yet run on a GPU (none was lent when this was written): a shape or alignment it refuses falls
+        # back to the reference below rather than failing the forward.
         bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
-        return r[0], r[1][..., :q.shape[2]].to(acc)
+        try:
+            r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal,
+                                                                        scale=scale)
+            return r[0], r[1][..., :q.shape[2]].to(acc)
+        except RuntimeError:
+            pass
     return reference(q, k, v, causal, mask, scale)
 
 

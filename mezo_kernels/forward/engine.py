@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .attention import kernel_for, sdpa_kernels_used
-from .llama import GroupLayout, LlamaRunner, unsupported_reason
+from .batches import layouts, pad, padded_work, part, stack
+from .llama import LlamaRunner, unsupported_reason
 from .plan import Plan, plan_prefixes
 
 
@@ -93,12 +94,13 @@ class ForwardEngine:
     """
 
     def __init__(self, prefix_reuse: bool = True, frozen_reuse: bool = True, eval_cache: bool = True,
-                 min_prefix: int = 4, cache_entries: int = 16) -> None:
+                 min_prefix: int = 4, cache_entries: int = 64) -> None:
         self.prefix_reuse, self.frozen_reuse, self.eval_cache = prefix_reuse, frozen_reuse, eval_cache
         self.min_prefix, self.cache_entries = min_prefix, cache_entries
         self.stats = EngineStats()
-        self._runners: dict[int, tuple[nn.Module, LlamaRunner]] = {}
-        self._kv: OrderedDict[tuple, list] = OrderedDict()      # (version, prefix) -> [(k, v)] per layer
+        self._model: nn.Module | None = None                      # the model the runner and caches belong to
+        self._runner_obj: LlamaRunner | None = None
+        self._kv: OrderedDict[tuple, list] = OrderedDict()      # (version, segment path) -> [(k, v)] per layer
         self._frozen: OrderedDict[tuple, tuple] = OrderedDict()  # (tokens, k, version) -> state at layer k
 
     @classmethod
@@ -159,12 +161,10 @@ class ForwardEngine:
         return logits[rows.to(dev), cols.to(dev)]
 
     def _runner(self, lm: nn.Module) -> LlamaRunner:
-        hit = self._runners.get(id(lm))
-        if hit is None or hit[0] is not lm:          # a new model at a recycled id: forget the old caches too
+        if self._model is not lm:                    # another model: its caches would be meaningless
             self.clear()
-            self._runners = {id(lm): (lm, LlamaRunner(lm))}
-            hit = self._runners[id(lm)]
-        return hit[1]
+            self._model, self._runner_obj = lm, LlamaRunner(lm)
+        return self._runner_obj
 
     # ----------------------------------------------------------------------------------------- reuse forward
     def _first_trainable(self, runner: LlamaRunner) -> int:
@@ -200,22 +200,26 @@ class ForwardEngine:
             if self.prefix_reuse:
                 nested = plan_prefixes(toks, need, self.min_prefix)
                 # the plan saves real tokens; batches run padded, so keep it only if the padded work shrinks too
-                if _padded_work(nested, toks) < _padded_work(plan, toks):
+                if padded_work(nested, toks) < padded_work(plan, toks):
                     plan = nested
+            # eval-cache K/V are valid for this weight version only; a frozen-layer state outlives it (it is reused
+            # after the trainable layers change), so it must hold every segment's own hidden states instead
             cached = {s: self._kv[(version, seg.path)] for s, seg in enumerate(plan.segments)
-                      if (version, seg.path) in self._kv}
+                      if frozen_key is None and (version, seg.path) in self._kv}
+            for s in cached:                                  # least recently used goes first
+                self._kv.move_to_end((version, plan.segments[s].path))
             hidden, start = None, 0
         self.stats.prefix_cache_lookups += len(plan.segments)
         self.stats.prefix_cache_hits += len(cached)
         levels = [[s for s, seg in enumerate(plan.segments) if seg.level == d] for d in range(plan.levels)]
         fresh = [[s for s in lev if s not in cached] for lev in levels]
-        batches = [_pad([list(plan.segments[s].tokens) for s in f], [plan.segments[s].start for s in f], dev)
+        batches = [pad([list(plan.segments[s].tokens) for s in f], [plan.segments[s].start for s in f], dev)
                    for f in fresh]
-        batches.append(_pad([t[p:] for t, p in zip(toks, plan.plen)], plan.plen, dev))
+        batches.append(pad([t[p:] for t, p in zip(toks, plan.plen)], plan.plen, dev))
         # entries of batch b (levels, then rows) attending to each segment of level j < b
         chains = [[plan.chain(plan.segments[s].parent) for s in f] for f in fresh]
         chains.append([plan.chain(o) for o in plan.owner])
-        parts_of = [_layouts(plan, levels, ch, b, dev) for b, ch in enumerate(chains)]
+        parts_of = [layouts(plan, levels, ch, b, dev) for b, ch in enumerate(chains)]
         if hidden is None:
             hidden = [runner.embed(ids) if ids.numel() else None for ids, _ in batches]
         ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
@@ -228,11 +232,11 @@ class ForwardEngine:
             for d in range(len(levels)):
                 kf = vf = None
                 if fresh[d]:
-                    parts = [_part(stacks[j], lay) for j, lay in parts_of[d]]
+                    parts = [part(stacks[j], lay) for j, lay in parts_of[d]]
                     hidden[d], kf, vf = runner.layer(i, hidden[d], ropes[d], parts, kv_only=(i == L - 1))
                     kv_log[d].append((kf, vf))
-                stacks.append(_stack(plan, levels[d], cached, kf, vf, i))
-            parts = [_part(stacks[j], lay) for j, lay in parts_of[-1]]
+                stacks.append(stack(plan, levels[d], cached, kf, vf, i))
+            parts = [part(stacks[j], lay) for j, lay in parts_of[-1]]
             hidden[-1], _, _ = runner.layer(i, hidden[-1], ropes[-1], parts)
         self.stats.run_token_layers += sum(ids.numel() for ids, _ in batches) * (L - start)
         if caching and self.eval_cache and version is not None and start == 0:
@@ -242,7 +246,9 @@ class ForwardEngine:
     def _store_segments(self, version, plan: Plan, fresh: list[list[int]], kv_log) -> None:
         for stale in [key for key in self._kv if key[0] != version]:   # versions never come back: drop them
             del self._kv[stale]
-        for f, log in zip(fresh, kv_log):
+        # deepest levels first: the shallow segments (a template every batch shares) are the likeliest to be
+        # reused, so they are stored last and evicted last
+        for f, log in reversed(list(zip(fresh, kv_log))):
             for j, s in enumerate(f):
                 n = len(plan.segments[s].tokens)
                 kv = [(kk[j:j + 1, :, :n], vv[j:j + 1, :, :n]) for kk, vv in log]
@@ -254,69 +260,6 @@ class ForwardEngine:
         store.move_to_end(key)
         while len(store) > cap:
             store.popitem(last=False)
-
-
-def _padded_work(plan: Plan, toks: list[list[int]]) -> int:
-    """Token slots per layer the engine runs for ``plan``: each level's padded segment batch plus the padded rows."""
-    work = len(toks) * max(len(t) - p for t, p in zip(toks, plan.plen))
-    for d in range(plan.levels):
-        lens = [len(s.tokens) for s in plan.segments if s.level == d]
-        work += len(lens) * max(lens)
-    return work
-
-
-def _layouts(plan: Plan, levels: list[list[int]], chains: list[list[int]], b: int, dev) -> list:
-    """For a batch whose entry e sits below the segments ``chains[e]``: (level j, layout) for each level j < b
-    that some entry attends to. The layout's groups are that level's segments, in the level's stack order."""
-    out = []
-    for j in range(min(b, len(levels))):
-        members: dict[int, list[int]] = {}
-        for e, chain in enumerate(chains):
-            seg = next((s for s in chain if plan.segments[s].level == j), None)
-            if seg is not None:
-                members.setdefault(seg, []).append(e)
-        if members:
-            groups = [s for s in levels[j] if s in members]
-            sel = [levels[j].index(s) for s in groups]
-            lay = GroupLayout.build([members[s] for s in groups], [len(plan.segments[s].tokens) for s in groups],
-                                    len(chains), dev)
-            out.append((j, (lay, None if len(sel) == len(levels[j]) else torch.tensor(sel, device=dev))))
-    return out
-
-
-def _part(stack, layout):
-    """(k, v, layout) for one level: the level's K/V stack, cut to the segments the layout uses."""
-    (k, v), (lay, sel) = stack, layout
-    return (k, v, lay) if sel is None else (k.index_select(0, sel), v.index_select(0, sel), lay)
-
-
-def _stack(plan: Plan, level: list[int], cached: dict, kf, vf, i: int):
-    """Layer i's K/V of every segment of one level in level order, [G, Hkv, Pmax, D]; a view of the level batch's
-    K/V when none of them is cached."""
-    if not any(s in cached for s in level):
-        return kf, vf
-    P = max(len(plan.segments[s].tokens) for s in level)
-    ks, vs, j = [], [], 0
-    for s in level:
-        if s in cached:
-            k, v = cached[s][i]
-        else:
-            k, v = kf[j:j + 1], vf[j:j + 1]
-            j += 1
-        n = len(plan.segments[s].tokens)
-        ks.append(torch.nn.functional.pad(k[:, :, :n], (0, 0, 0, P - n)))
-        vs.append(torch.nn.functional.pad(v[:, :, :n], (0, 0, 0, P - n)))
-    return torch.cat(ks), torch.cat(vs)
-
-
-def _pad(seqs: list[list[int]], offsets: list[int], dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [n, T] and positions [n, T] (``offset + index``; padding continues the count)."""
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    pos = torch.tensor(offsets, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
-    return ids.to(dev), pos.to(dev)
 
 
 def _accepts(lm: nn.Module, name: str) -> bool:
