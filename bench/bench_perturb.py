@@ -53,13 +53,18 @@ def cpu_name() -> str:
         return platform.processor() or "CPU"
 
 
+def reference_pass(params, seed: int, scale: float) -> None:
+    """One pass of the reference MeZO loop: seed, then per tensor a fresh z and an out-of-place add."""
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data = p.data + scale * z
+
+
 def reference_step(params, seed: int) -> None:
-    """The reference MeZO loop: 4 passes of manual_seed + per-tensor normal + add."""
+    """The reference MeZO loop's 4 passes back to back (+eps, -2eps, +eps, -lr*g), without the forwards."""
     for scale in (EPS, -2 * EPS, EPS, -LR * G):
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-            p.data = p.data + scale * z
+        reference_pass(params, seed, scale)
 
 
 def fused_step(ps: mk.ParamSet, seed: int) -> None:

@@ -50,6 +50,7 @@ import torch
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]          # bench/ helpers, and this checkout's mezo_kernels
 import step_models as sm  # noqa: E402
+from bench_perturb import reference_pass  # noqa: E402  (the reference loop, one pass between forwards)
 from step_measure import read_peak, reset_peak, rss, spread, time_steps  # noqa: E402
 
 METHODS = ("inference", "mezo", "mezo-inplace", "reference", "backprop", "backprop-ckpt")
@@ -107,16 +108,6 @@ class Setup:
             torch.cuda.synchronize()
         self.fwd_s += time.perf_counter() - t0
         return out
-
-
-def reference_pass(params, seed: int, scale: float) -> None:
-    """One pass of the reference loop, as in bench_perturb.reference_step (which runs its 4 passes back to back,
-    with no forwards between them, so it cannot be called here): seed, then per tensor a fresh z and an
-    out-of-place add."""
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        p.data = p.data + scale * z
 
 
 def make_step(method: str, s: Setup, c: dict) -> Callable[[], dict]:
