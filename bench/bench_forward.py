@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_perturb import cpu_name  # noqa: E402
+from bench_perturb import device_label  # noqa: E402
 from results import replace_section  # noqa: E402
 
 from mezo_kernels import data, models, objectives, tasks  # noqa: E402
@@ -201,8 +201,7 @@ def main() -> None:
     from plot_forward import plot
     png = os.path.join(here, f"forward_{dev}.png")
     plot(rows, png)
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    head = (f"`python bench/bench_forward.py --device {dev} --reps {args.reps}` — {where}, "
+    head = (f"`python bench/bench_forward.py --device {dev} --reps {args.reps}` — {device_label(dev)}, "
             f"torch {torch.__version__}, {datetime.date.today()}. SmolLM2-135M-Instruct (real weights, fp32), "
             f"LoRA q/v r=8, one MeZO step = 2 forwards; median of {args.reps} steps after one warm-up, "
             f"[min..max]. Plot: `bench/forward_{dev}.png`.\n\n")

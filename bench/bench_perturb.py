@@ -53,6 +53,13 @@ def cpu_name() -> str:
         return platform.processor() or "CPU"
 
 
+def device_label(device: str) -> str:
+    """The device a benchmark ran on, as the RESULTS sections name it: GPU name, or CPU model and thread count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
 def reference_pass(params, seed: int, scale: float) -> None:
     """One pass of the reference MeZO loop: seed, then per tensor a fresh z and an out-of-place add."""
     torch.manual_seed(seed)
@@ -137,7 +144,7 @@ def main(argv=None) -> None:
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader(); w.writerows(rows)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    label = device_label(device.type)
     head = (f"Command: `python bench/bench_perturb.py --device {device.type} --reps {args.reps}`  \n"
             f"Device: {label}; torch {torch.__version__}; date {datetime.date.today()}  \n"
             f"Copy bandwidth (read+write) measured on this device: {bw / 1e9:.1f} GB/s. "

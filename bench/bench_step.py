@@ -27,6 +27,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import plot_step  # noqa: E402
 import step_report  # noqa: E402
+from bench_perturb import device_label  # noqa: E402
 from results import replace_section  # noqa: E402
 from step_models import MODELS  # noqa: E402
 from step_worker import DEVICES, METHODS, MODES  # noqa: E402
@@ -96,14 +97,6 @@ def to_row(res: dict) -> dict:
         v = res.get(f"{k}_s")
         row[f"{k}_ms"] = "" if v is None else v * 1e3
     return row
-
-
-def device_label(device: str) -> str:
-    import torch
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    from bench_perturb import cpu_name
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def section(rows: list[dict], device: str, command: str, wall_s: float) -> str:

@@ -129,16 +129,19 @@ class ForwardEngine:
             return self._plain(model, lm, input_ids, attention_mask, rows, cols)
         runner = self._runner(lm)
         toks, starts = _rows(input_ids, attention_mask)
-        rel = cols.cpu() - torch.tensor(starts)[rows.cpu()]
+        rows_c = rows.cpu()
+        rel = cols.cpu() - torch.tensor(starts)[rows_c]
         lengths = torch.tensor([len(t) for t in toks])
-        if bool(((rel < 0) | (rel >= lengths[rows.cpu()])).any()):
+        if bool(((rel < 0) | (rel >= lengths[rows_c])).any()):
             raise ValueError("a requested logit position is a padding column")
-        used = sorted(set(rows.tolist()))
-        need = {r: int(rel[rows.cpu() == r].min()) for r in used}
+        need: dict[int, int] = {}                   # each row's first read position, in one pass
+        for r, c in zip(rows_c.tolist(), rel.tolist()):
+            need[r] = min(c, need.get(r, c))
+        used = sorted(need)
         dev = next(lm.parameters()).device
         h, where = self._run(runner, lm, [toks[r] for r in used], [need[r] for r in used], dev)
         index = {r: i for i, r in enumerate(used)}
-        sr, sc = zip(*[where(index[r], c) for r, c in zip(rows.tolist(), rel.tolist())])
+        sr, sc = zip(*[where(index[r], c) for r, c in zip(rows_c.tolist(), rel.tolist())])
         self.stats.plain_token_layers += input_ids.numel() * runner.num_layers
         return runner.logits(h[torch.tensor(sr, device=dev), torch.tensor(sc, device=dev)])
 
