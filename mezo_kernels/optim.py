@@ -15,17 +15,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 
 from . import rng
-from .perturb import ParamSet, _split_named
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_M64 = 2**64 - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + _GOLDEN) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
+from .perturb import ParamSet, split_named
 
 
 def no_decay(name: str, t: torch.Tensor) -> bool:
@@ -68,7 +58,7 @@ class MeZO:
                  backend: str = "auto", n_directions: int = 1, schedule: str = "constant",
                  total_steps: int | None = None, exact_restore: bool | None = None,
                  bases: Sequence[int] | None = None):
-        names, tensors = _split_named(params)
+        names, tensors = split_named(params)
         for v, what in ((lr, "lr"), (eps, "eps"), (weight_decay, "weight_decay")):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
@@ -118,7 +108,7 @@ class MeZO:
         return self.lr
 
     def seed_for(self, step: int, j: int = 0) -> int:
-        return splitmix64((self.seed + _GOLDEN * (step * self.n_directions + j + 1)) & _M64)
+        return rng.seed_for(self.seed, step, j, self.n_directions)
 
     def _perturb(self, seed: int, offset: float) -> None:
         for ps, _ in self._sets:

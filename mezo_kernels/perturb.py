@@ -50,7 +50,7 @@ class _Group:
         return self._tables[chunk]
 
 
-def _split_named(params: Iterable[TensorLike]) -> tuple[list[str], list[torch.Tensor]]:
+def split_named(params: Iterable[TensorLike]) -> tuple[list[str], list[torch.Tensor]]:
     names, tensors = [], []
     for i, p in enumerate(params):
         if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
@@ -88,7 +88,7 @@ class ParamSet:
 
     def __init__(self, params: Iterable[TensorLike], bases: Sequence[int] | None = None, backend: str = "auto",
                  exact_restore: bool | None = None, require_grad: bool = False):
-        self.names, self._tensors = _split_named(params)
+        self.names, self._tensors = split_named(params)
         if bases is not None:
             bases = list(bases)
             if len(bases) != len(self._tensors):

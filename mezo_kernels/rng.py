@@ -20,7 +20,7 @@ import torch
 
 __all__ = [
     "SEED_MAX", "check_seed", "split_seed", "philox4x32_10", "philox_words", "uniform",
-    "normal", "normal_f64", "default_bases", "fma_update",
+    "normal", "normal_f64", "default_bases", "fma_update", "splitmix64", "seed_for",
 ]
 
 SEED_MAX = 2**64 - 1
@@ -129,6 +129,25 @@ def default_bases(numels: Iterable[int]) -> list[int]:
         bases.append(nxt)
         nxt = (nxt + int(n) + 3) & ~3
     return bases
+
+
+# ---------------------------------------------------------------------------------------------- seed schedule
+_GOLDEN64 = 0x9E3779B97F4A7C15            # 2**64 / golden ratio: splitmix64's increment
+_M64 = 2**64 - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function of ``x + golden`` (Steele et al.): a 64-bit mix of a 64-bit int."""
+    x = (x + _GOLDEN64) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def seed_for(base_seed: int, step: int, j: int = 0, n_directions: int = 1) -> int:
+    """The Philox seed of direction ``j`` of step ``step``: ``splitmix64(base + golden * (step * n + j + 1))``."""
+    base_seed = check_seed(base_seed)
+    return splitmix64((base_seed + _GOLDEN64 * (step * n_directions + j + 1)) & _M64)
 
 
 def fma_update(x: torch.Tensor, z: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

@@ -15,6 +15,16 @@ from mezo_kernels.dispatch import NAMES, unavailable_reason  # noqa: E402
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every ``@pytest.mark.gpu`` test skips, saying why, on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu marker: no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def present_backends() -> list[str]:
     return [n for n in NAMES if unavailable_reason(n, DEVICE) is None]
 
