@@ -142,19 +142,19 @@ def sst2(out, model, tok, args) -> None:
     splits = data.load_splits("sst2", data.resolve_data_dir(args.data_dir), "kshot", 16, 0)
     for chat in (False, True):
         for mode, make in MODES.items():
-            obj = objectives.CausalLMObjective(model, tok, task, max_length=64, chat=chat, engine=make())
+            obj = objectives.CausalLMObjective(tok, task, max_length=64, chat=chat, engine=make())
             encs = [obj.encode(random.Random(t).sample(splits.train, 16)) for t in range(args.reps + 1)]
-            ts = time_steps(model, lambda t: float(obj.forward(encs[t]).loss), args.reps, obj.engine)
+            ts = time_steps(model, lambda t: float(obj.forward(model, encs[t]).loss), args.reps, obj.engine)
             record(out, "sst2", "chat" if chat else "plain", mode, ts, obj.engine, encs[0]["input_ids"].numel())
     ex = splits.test[:96]
     for mode, make in MODES.items():          # one pass over 96 examples, each with a fresh engine (cold cache)
         ts = []
         for _ in range(2):
-            obj = objectives.CausalLMObjective(model, tok, task, max_length=64, chat=True, engine=make())
+            obj = objectives.CausalLMObjective(tok, task, max_length=64, chat=True, engine=make())
             t0 = time.perf_counter()
             with torch.no_grad():
                 for i in range(0, len(ex), 16):
-                    obj(ex[i:i + 16])
+                    obj(model, ex[i:i + 16])
             ts.append(time.perf_counter() - t0)
         record(out, "eval", "chat, 96 ex", mode, ts, obj.engine, 0)
 

@@ -4,8 +4,12 @@ One MeZO step touches the weights with +eps, -2eps, +eps (restore) and -lr*g*z. 
 each pass as ``torch.manual_seed`` then, per tensor, ``torch.normal`` + add: 4 unfused passes. Ours is 3 fused
 passes: perturb(+eps), perturb(-eps), restore+update.
 
-Usage:  python bench/bench_perturb.py [--device cpu|cuda] [--reps N] [--results bench/RESULTS.md]
-Writes bench/out/perturb_<device>.csv and replaces the matching section of RESULTS.md.
+Each fused step runs once per direction distribution (gaussian, and the rademacher sign stream, which needs one
+Philox call per 128 elements instead of per 4); the sign-vs-gaussian ratio of each backend is printed and recorded.
+
+Usage:  python bench/bench_perturb.py [--device cpu|cuda] [--reps N] [--results bench/RESULTS.md] [--quick]
+Writes bench/out/perturb_<device>.csv and replaces the matching section of RESULTS.md (``--quick``: two sets,
+5 reps, bench/out/perturb_<device>_quick.csv only, RESULTS.md untouched).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mezo_kernels as mk  # noqa: E402
+from mezo_kernels.dispatch import unsupported_reason  # noqa: E402
+from mezo_kernels.rng import KernelMode  # noqa: E402
 from results import replace_section  # noqa: E402
 from tensor_sets import make, tensor_sets  # noqa: E402
 
@@ -104,16 +110,24 @@ def main(argv=None) -> None:
                     "present; the pure-torch fallback only when named)")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    ap.add_argument("--distributions", default="gaussian,rademacher", help="comma-separated direction streams")
+    ap.add_argument("--quick", action="store_true", help="two sets, 5 reps, no RESULTS.md update")
     args = ap.parse_args(argv)
+    dists = args.distributions.split(",")
+    if args.quick:
+        args.reps = min(args.reps, 5)
     device = torch.device(args.device)
     run = timer(device)
     bw = copy_bandwidth(device, run, args.reps)
     present = [n for n, why in mk.backends(device).items() if why is None]
     present = args.backends.split(",") if args.backends else [
         n for n in present if n != "torch" and not (n == "triton" and device.type == "cpu")]  # interpreter: not a speed
-    rows = []
-    for name, shapes in tensor_sets(device).items():
+    rows, sign_ratios = [], []
+    sets = tensor_sets(device)
+    for name, shapes in sets.items():
         if args.sets and name not in args.sets.split(","):
+            continue
+        if args.quick and not args.sets and name not in (next(iter(sets)), list(sets)[-1]):
             continue
         for dtype in (torch.float32, torch.bfloat16):
             params = make(shapes, dtype, device)
@@ -123,27 +137,44 @@ def main(argv=None) -> None:
                              dtype=str(dtype).split(".")[1], method="reference-loop", passes=4, launches="",
                              ms=ref_ms, ms_min=min(ref) * 1e3, ms_max=max(ref) * 1e3, gbps="", pct_copy="",
                              speedup=1.0))
+            first = len(rows) - 1
             for backend in present:
-                ps = mk.ParamSet(params, backend=backend)
-                l0 = ps.launches
-                fused_step(ps, 0)
-                launches = (ps.launches - l0) // 3
-                ts = run(lambda: fused_step(ps, 2), args.reps)
-                med = statistics.median(ts)
-                gbps = step_bytes(ps) / med / 1e9
-                rows.append(dict(set=name, tensors=len(shapes), numel=ps.numel, dtype=str(dtype).split(".")[1],
-                                 method=f"fused-{backend}" + ("+master" if ps.exact_restore else ""), passes=3,
-                                 launches=launches, ms=med * 1e3, ms_min=min(ts) * 1e3, ms_max=max(ts) * 1e3,
-                                 gbps=round(gbps, 2), pct_copy=round(100 * gbps * 1e9 / bw, 1),
-                                 speedup=round(ref_ms / (med * 1e3), 2)))
-            print(*(f"{r['set']:>26} {r['dtype']:>8} {r['method']:>20} {r['ms']:9.3f} ms  x{r['speedup']}"
-                    for r in rows[-1 - len(present):]), sep="\n", flush=True)
+                per_dist = {}
+                for dist in dists:
+                    why = unsupported_reason(backend, device, KernelMode.MASTER_UPDATE, dist)
+                    if why is not None:
+                        print(f"{name:>26} {backend}: no {dist} ({why})", flush=True)
+                        continue
+                    ps = mk.ParamSet(params, backend=backend, distribution=dist)
+                    l0 = ps.launches
+                    fused_step(ps, 0)
+                    launches = (ps.launches - l0) // 3
+                    ts = run(lambda: fused_step(ps, 2), args.reps)
+                    med = per_dist[dist] = statistics.median(ts)
+                    gbps = step_bytes(ps) / med / 1e9
+                    method = (f"fused-{backend}" + ("+master" if ps.exact_restore else "")
+                              + ("" if dist == "gaussian" else f" ({dist})"))
+                    rows.append(dict(set=name, tensors=len(shapes), numel=ps.numel, dtype=str(dtype).split(".")[1],
+                                     method=method, passes=3, launches=launches, ms=med * 1e3, ms_min=min(ts) * 1e3,
+                                     ms_max=max(ts) * 1e3, gbps=round(gbps, 2),
+                                     pct_copy=round(100 * gbps * 1e9 / bw, 1), speedup=round(ref_ms / (med * 1e3), 2)))
+                if len(per_dist) == 2:
+                    sign_ratios.append((name, str(dtype).split(".")[1], backend,
+                                        per_dist["gaussian"] / per_dist["rademacher"]))
+            print(*(f"{r['set']:>26} {r['dtype']:>8} {r['method']:>32} {r['ms']:9.3f} ms  x{r['speedup']}"
+                    for r in rows[first:]), sep="\n", flush=True)
+            for n, dt, b, x in sign_ratios:
+                if n == name and dt == str(dtype).split(".")[1]:
+                    print(f"{'':>26} {dt:>8} {b}: sign step {x:.2f}x faster than gaussian", flush=True)
             del params
     os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, f"perturb_{device.type}.csv")
+    csv_path = os.path.join(args.out, f"perturb_{device.type}{'_quick' if args.quick else ''}.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader(); w.writerows(rows)
+    if args.quick:
+        print(f"wrote {csv_path} (--quick: RESULTS.md untouched)")
+        return
     label = device_label(device.type)
     head = (f"Command: `python bench/bench_perturb.py --device {device.type} --reps {args.reps}`  \n"
             f"Device: {label}; torch {torch.__version__}; date {datetime.date.today()}  \n"
@@ -154,6 +185,10 @@ def main(argv=None) -> None:
     body = "".join(f"| {r['set']} | {r['tensors']} | {r['numel']} | {r['dtype']} | {r['method']} | {r['passes']} | "
                    f"{r['launches']} | {r['ms']:.3f} | {r['ms_min']:.3f}..{r['ms_max']:.3f} | {r['gbps']} | "
                    f"{r['pct_copy']} | {r['speedup']} |\n" for r in rows)
+    if sign_ratios:
+        body += ("\nSign (rademacher) vs gaussian directions, same backend and step: gaussian time / sign time.\n\n"
+                 "| set | dtype | backend | sign speedup |\n|---|---|---|---|\n"
+                 + "".join(f"| {n} | {dt} | {b} | {x:.2f} |\n" for n, dt, b, x in sign_ratios))
     replace_section(args.results, f"perturb-{device.type}", head + body)
     print(f"wrote {csv_path} and section perturb-{device.type} of {args.results}")
 

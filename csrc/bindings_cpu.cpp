@@ -18,16 +18,16 @@ using namespace mezo::bind;
 namespace {
 
 void axpby(uintptr_t meta_ptr, int64_t num_tensors, uintptr_t chunks_ptr, int64_t num_chunks, int64_t chunk_size,
-           int dtype, int mode, const py::int_& seed, double alpha, double beta, double gamma) {
+           int dtype, int mode, int dist, const py::int_& seed, double alpha, double beta, double gamma) {
   const uint64_t s = to_seed(seed);
-  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode);
+  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode, dist);
   const auto* meta = reinterpret_cast<const int64_t*>(meta_ptr);
   const auto* chunks = reinterpret_cast<const int64_t*>(chunks_ptr);
   // host tables: the per-tensor and per-chunk checks are cheap next to the work (one pass over C + T rows)
-  check_tables(meta, num_tensors, chunks, num_chunks, chunk_size, mode);
+  check_tables(meta, num_tensors, chunks, num_chunks, chunk_size, mode, dtype_size(dtype));
   py::gil_scoped_release nogil;
-  mezo::cpu::axpby(meta, num_tensors, chunks, num_chunks, chunk_size, dtype, mode, s, static_cast<float>(alpha),
-                   static_cast<float>(beta), static_cast<float>(gamma));
+  mezo::cpu::axpby(meta, num_tensors, chunks, num_chunks, chunk_size, dtype, mode, dist, s,
+                   static_cast<float>(alpha), static_cast<float>(beta), static_cast<float>(gamma));
 }
 
 py::tuple philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
@@ -59,11 +59,12 @@ void set_num_threads(int n) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "mezo-kernels CPU backend: fused seeded Gaussian perturbation (Philox4x32-10 + Box-Muller), OpenMP";
+  m.doc() = "mezo-kernels CPU backend: fused seeded perturbation (Philox4x32-10; Box-Muller or signs), thread pool";
   m.def("axpby", &axpby, py::arg("meta_ptr"), py::arg("num_tensors"), py::arg("chunks_ptr"), py::arg("num_chunks"),
-        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("seed"), py::arg("alpha"), py::arg("beta"),
-        py::arg("gamma"),
-        "Apply mode 0-3 (AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL) to every chunk of a plan (host pointers).");
+        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("dist"), py::arg("seed"), py::arg("alpha"),
+        py::arg("beta"), py::arg("gamma"),
+        "Apply a kernel mode with directions of distribution `dist` (spec_codes.h) to every chunk of a plan (host "
+        "pointers).");
   m.def("philox4x32_10", &philox4x32_10, py::arg("k0"), py::arg("k1"), py::arg("c0"), py::arg("c1"), py::arg("c2"),
         py::arg("c3"), "One Philox4x32-10 block: (key, counter) -> 4 uint32 words.");
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
@@ -71,7 +72,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("randn4x", &randn4x, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
         "Write 4*n float32 normals z[4k+j] for counters k_start .. k_start+n-1 to host memory.");
   m.def("chunk_size", [] { return mezo::cpu::kChunk; }, "Elements per chunk this backend wants in its plans.");
-  m.def("num_threads", &mezo::cpu::num_threads, "OpenMP threads used by the kernels.");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the OpenMP thread count for later calls.");
+  m.def("num_threads", &mezo::cpu::num_threads, "Threads the kernels use (the calling thread included).");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the kernels' thread count for later calls.");
   m.def("build_info", [] { return std::string(mezo::cpu::build_info()); }, "Compiler, ISA flags, chunk size.");
+  m.def("spec_codes", &spec_codes, "The spec's constants, kernel modes, distributions and dtype codes compiled in.");
+  m.def("features", &features, "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>'.");
 }

@@ -24,14 +24,16 @@ void raise_if(const char* err, const char* what) {
 }
 
 void axpby(uintptr_t meta_ptr, int64_t num_tensors, uintptr_t chunks_ptr, int64_t num_chunks, int64_t chunk_size,
-           int dtype, int mode, const py::int_& seed, double alpha, double beta, double gamma, uintptr_t stream) {
+           int dtype, int mode, int dist, const py::int_& seed, double alpha, double beta, double gamma,
+           uintptr_t stream) {
   const uint64_t s = to_seed(seed);
-  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode);
+  check_launch(meta_ptr, num_tensors, chunks_ptr, num_chunks, chunk_size, dtype, mode, dist);
   const char* err;
   {
     py::gil_scoped_release nogil;
     err = mezo::cuda::launch_axpby(reinterpret_cast<const int64_t*>(meta_ptr), num_tensors,
-                                   reinterpret_cast<const int64_t*>(chunks_ptr), num_chunks, chunk_size, dtype, mode, s,
+                                   reinterpret_cast<const int64_t*>(chunks_ptr), num_chunks, chunk_size, dtype, mode,
+                                   dist, s,
                                    static_cast<float>(alpha), static_cast<float>(beta), static_cast<float>(gamma),
                                    stream);
   }
@@ -63,15 +65,18 @@ void randn4x(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "mezo-kernels CUDA backend: fused seeded Gaussian perturbation, one block per chunk";
+  m.doc() = "mezo-kernels CUDA backend: fused seeded perturbation (Gaussian or sign directions), one block per chunk";
   m.def("axpby", &axpby, py::arg("meta_ptr"), py::arg("num_tensors"), py::arg("chunks_ptr"), py::arg("num_chunks"),
-        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("seed"), py::arg("alpha"), py::arg("beta"),
-        py::arg("gamma"), py::arg("stream") = 0,
-        "Apply mode 0-3 to every chunk of a plan (device pointers) on `stream` (cudaStream_t as int).");
+        py::arg("chunk_size"), py::arg("dtype"), py::arg("mode"), py::arg("dist"), py::arg("seed"), py::arg("alpha"),
+        py::arg("beta"), py::arg("gamma"), py::arg("stream") = 0,
+        "Apply a kernel mode with directions of distribution `dist` (spec_codes.h) to every chunk of a plan (device "
+        "pointers) on `stream` (cudaStream_t).");
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
         py::arg("stream") = 0, "Write 4*n uint32 words for counters k_start .. k_start+n-1 to device memory.");
   m.def("randn4x", &randn4x, py::arg("seed"), py::arg("k_start"), py::arg("n"), py::arg("out_ptr"),
         py::arg("stream") = 0, "Write 4*n float32 normals for counters k_start .. k_start+n-1 to device memory.");
-  m.def("chunk_size", [] { return mezo::cuda::kChunk; }, "Elements per chunk (one Philox counter per thread).");
+  m.def("chunk_size", [] { return mezo::cuda::kChunk; }, "Elements per chunk (4 quads of 4 elements per thread).");
   m.def("build_info", [] { return std::string(mezo::cuda::build_info()); }, "nvcc version, archs, chunk size.");
+  m.def("spec_codes", &spec_codes, "The spec's constants, kernel modes, distributions and dtype codes compiled in.");
+  m.def("features", &features, "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>'.");
 }

@@ -2,10 +2,11 @@
 //
 // Reference semantics (the pure-PyTorch mezo_kernels/rng.py):
 //   key = (seed lo32, seed hi32); counter = (k lo32, k hi32, 0, 0); 10 rounds
-//   U(w) = fp32(x) * bitcast<f32>(0x2FFFFFFF) with x = int32(w), x = ~x if x < 0
+//   U(w) = fp32(x) * kUniformScale with x = int32(w), x = ~x if x < 0
 //   randn4x(k) = (r1 cos th1, r1 sin th1, r2 cos th2, r2 sin th2),
-//     u = max(1e-7f, U(w0|w2)), th = 6.2831855f * U(w1|w3) (fp32), r = sqrt(-2 log u)
+//     u = max(kUMinF, U(w0|w2)), th = kTwoPiF * U(w1|w3) (fp32), r = sqrt(-2 log u)
 //   z[g] = randn4x(g >> 2)[g & 3]
+// The constants come from spec_codes.h, generated from mezo_kernels/rng.py.
 //
 // Every function is __host__ __device__ so the same words come out of g++ and nvcc. The integer part and the
 // uniform are bit-exact everywhere. The transcendental part differs by target on purpose:
@@ -21,6 +22,8 @@
 #include <cmath>
 #endif
 
+#include "spec_codes.h"
+
 #if defined(__CUDACC__)
 #define MEZO_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -31,13 +34,6 @@
 
 namespace mezo {
 
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;  // multiplies c0
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;  // multiplies c2
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // key schedule: golden ratio
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;  // key schedule: sqrt(3) - 1
-constexpr float kTwoPiF = 6.2831855f;        // fp32(6.283185307179586), as Triton rounds the literal
-constexpr float kUMinF = 1e-7f;              // Box-Muller clamp: keeps log(u1) finite
-
 struct U32x4 {
   uint32_t x, y, z, w;
 };
@@ -46,7 +42,7 @@ struct F32x4 {
 };
 
 // hi/lo halves of a 32x32-bit product. A 64-bit product on the host (compiles to one mul / vpmuludq),
-// __umulhi on the device (mul.hi.u32: one instruction instead of a 64-bit multiply).
+// __umulhi on the device (mul.hi.u32 next to mul.lo.u32: nvcc pairs them better than a 64-bit product).
 MEZO_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 #if defined(__CUDA_ARCH__)
   hi = __umulhi(a, b);
@@ -63,7 +59,7 @@ MEZO_HD U32x4 philox4x32_10(uint32_t k0, uint32_t k1, U32x4 c) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int r = 0; r < 10; ++r) {
+  for (int r = 0; r < kPhiloxRounds; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
     mulhilo32(kPhiloxM1, c.z, hi0, lo0);
     mulhilo32(kPhiloxM0, c.x, hi1, lo1);
@@ -80,6 +76,16 @@ MEZO_HD U32x4 philox_counter(uint64_t seed, uint64_t k) {
                        U32x4{static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32), 0u, 0u});
 }
 
+MEZO_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
 MEZO_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
@@ -92,11 +98,11 @@ MEZO_HD float bits_to_float(uint32_t u) {
 
 // Triton's uint_to_uniform_float (32-bit path). x ^ (x >> 31) is ~x for negative x and x otherwise: the same
 // value as the spec's branch, written branch-free so loops over it vectorise. One int->float rounding (RNE)
-// and one fp32 multiply by 0x2FFFFFFF = (1 - 2^-24) * 2^-31, so u <= 1 - 2^-24 < 1.
+// and one fp32 multiply by kUniformScale = (1 - 2^-24) * 2^-31, so u <= 1 - 2^-24 < 1.
 MEZO_HD float uniform_f32(uint32_t w) {
   const int32_t s = static_cast<int32_t>(w);
   const int32_t x = s ^ (s >> 31);
-  return static_cast<float>(x) * 0x1.fffffep-32f;
+  return static_cast<float>(x) * kUniformScale;
 }
 
 #if defined(__CUDA_ARCH__)

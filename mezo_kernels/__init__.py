@@ -1,9 +1,12 @@
 """mezo-kernels: fused seeded perturbations for zeroth-order (MeZO) fine-tuning.
 
-Public API: ``ParamSet``, ``fill_normal_``, ``backends``. The RNG spec lives in ``mezo_kernels.rng``.
+Public API: the optimizer ``MeZO`` (a ``torch.optim.Optimizer``) with ``replay`` (weights rebuilt bit for bit from
+a seed log) and ``StepResult``; the perturbation API ``ParamSet``, ``fill_normal_``, ``fill_sign_``, ``backends``.
+The RNG spec lives in ``mezo_kernels.rng``; the ``transformers.Trainer`` / TRL integration in ``mezo_kernels.hf``.
 """
 from .dispatch import backends
-from .perturb import ParamSet, fill_normal_
+from .optim import MeZO, StepResult, replay
+from .perturb import ParamSet, fill_normal_, fill_sign_
 
-__all__ = ["ParamSet", "fill_normal_", "backends"]
+__all__ = ["MeZO", "StepResult", "replay", "ParamSet", "fill_normal_", "fill_sign_", "backends"]
 __version__ = "0.1.0"

@@ -1,11 +1,10 @@
-"""GLUE TSV reading and the MeZO paper's few-shot split protocols.
+"""GLUE TSV reading and the MeZO paper's few-shot split protocols, for a task's GLUE folder or for data files of
+any format (read by datafiles.py: JSONL, CSV, TSV, parquet through ``datasets``).
 
-Files are tab-separated with a header row and no quoting (``csv.QUOTE_NONE``). Columns are found by header name,
-so both the ``label<TAB>sentence`` order of the shared SST-2 copy and GLUE's ``sentence<TAB>label`` work:
-
-* SST-2: ``sentence``, ``label`` (0 negative, 1 positive)
-* RTE: ``sentence1``, ``sentence2``, ``label`` (0 entailment, 1 not_entailment; the strings are accepted too),
-  other columns (``idx``) are ignored.
+Files are tab-separated with a header row and no quoting (``csv.QUOTE_NONE``). Columns are found by header name
+(the task record's ``columns``, see tasks.py), so both the ``label<TAB>sentence`` order of the shared SST-2 copy and
+GLUE's ``sentence<TAB>label`` work; other columns (``idx``) are ignored, and a task's ``label_names`` (RTE's
+``entailment``/``not_entailment``) are accepted in place of the integer labels.
 
 The data is never copied: pass its folder with a flag or ``MEZO_DATA_DIR`` (see :func:`resolve_data_dir`).
 """
@@ -16,20 +15,16 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
-__all__ = ["Example", "Splits", "read_glue_tsv", "resolve_data_dir", "load_splits", "canonical_task_name",
-           "DATA_DIR_ENV"]
+from .datafiles import read_data_file
+from .tasks import Task, canonical_task_name, get_task
+from .taskspec import is_spec_path
+
+__all__ = ["Example", "Splits", "read_glue_tsv", "read_data_file", "resolve_data_dir", "load_splits",
+           "load_task_splits", "canonical_task_name", "subsample", "DATA_DIR_ENV"]
 
 DATA_DIR_ENV = "MEZO_DATA_DIR"
-
-# task -> (text_a column, text_b column or None, label column)
-_COLUMNS: dict[str, tuple[str, str | None, str]] = {
-    "sst2": ("sentence", None, "label"),
-    "rte": ("sentence1", "sentence2", "label"),
-}
-_LABEL_NAMES = {"entailment": 0, "not_entailment": 1}
-_NUM_CLASSES = {"sst2": 2, "rte": 2}
 
 
 @dataclass(frozen=True)
@@ -50,27 +45,21 @@ class Splits:
     test: list[Example]
 
 
-def canonical_task_name(name: str) -> str:
-    """``"SST-2"``, ``"sst_2"`` -> ``"sst2"``."""
-    return name.lower().replace("-", "").replace("_", "")
-
-
-def _columns(task: str) -> tuple[str, str | None, str]:
-    key = canonical_task_name(task)
-    if key not in _COLUMNS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(_COLUMNS))}")
-    return _COLUMNS[key]
-
-
-def read_glue_tsv(path: str | os.PathLike, task: str) -> list[Example]:
-    """Read a GLUE TSV file of ``task`` into examples, in file order.
+def read_glue_tsv(path: str | os.PathLike, task: str | Task, split: str = "train") -> list[Example]:
+    """Read a GLUE TSV file of ``task`` (a name or a :class:`Task`) into examples, in file order, with the
+    task's columns for ``split``.
 
     Blank lines are skipped. Raises ValueError naming the file and the 1-based line number for a missing or
     wrong header, a row with the wrong number of columns, a label that is not a valid class, or an empty text.
     """
-    path = Path(path)
-    col_a, col_b, col_y = _columns(task)
-    n_classes = _NUM_CLASSES[canonical_task_name(task)]
+    return _read_tsv(Path(path), task if isinstance(task, Task) else get_task(task), split)
+
+
+def _read_tsv(path: Path, spec: Task, split: str) -> list[Example]:
+    task = spec.name
+    cols = spec.columns_for(split)
+    col_a, col_b, col_y = cols.text_a, cols.text_b, cols.label
+    n_classes = spec.num_classes
     out: list[Example] = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -90,15 +79,8 @@ def read_glue_tsv(path: str | os.PathLike, task: str) -> list[Example]:
             if len(row) != len(header):
                 raise ValueError(f"{path}:{line}: expected {len(header)} tab-separated columns "
                                  f"({', '.join(header)}), got {len(row)}")
-            raw = row[iy].strip()
-            if raw in _LABEL_NAMES:
-                label = _LABEL_NAMES[raw]
-            else:
-                try:
-                    label = int(raw)
-                except ValueError:
-                    label = -1
-            if not 0 <= label < n_classes:
+            label = spec.label_of(row[iy])
+            if label is None:
                 raise ValueError(f"{path}:{line}: bad label {row[iy]!r}; expected an integer in 0..{n_classes - 1}")
             text_a = row[ia].strip()
             text_b = row[ib].strip() if ib is not None else None
@@ -154,7 +136,7 @@ def _sample_kshot(examples: list[Example], k: int, rng: random.Random, what: str
     return [examples[i] for i in train_idx], [examples[i] for i in dev_idx]
 
 
-def load_splits(task: str, data_dir: str | os.PathLike | None, protocol: Literal["kshot", "opt"] = "kshot",
+def load_splits(task: str | Task, data_dir: str | os.PathLike | None, protocol: Literal["kshot", "opt"] = "kshot",
                 k: int = 16, seed: int = 0, *, opt_sizes: tuple[int, int, int] = (1000, 500, 1000)) -> Splits:
     """Sample the train/dev/test splits of ``task`` from ``data_dir/<task>/{train,dev}.tsv``.
 
@@ -167,17 +149,62 @@ def load_splits(task: str, data_dir: str | os.PathLike | None, protocol: Literal
     Deterministic given ``seed`` (``random.Random(seed)``; the same file gives the same splits on every
     platform). Train and dev come shuffled.
     """
-    key = canonical_task_name(task)
-    _columns(key)
-    root = resolve_data_dir(data_dir) / key
+    spec = task if isinstance(task, Task) else get_task(task)
+    root = resolve_data_dir(data_dir) / spec.name
     train_file, dev_file = root / "train.tsv", root / "dev.tsv"
-    pool = read_glue_tsv(train_file, key)
-    heldout = read_glue_tsv(dev_file, key)
+    pool = _read_tsv(train_file, spec, "train")
+    heldout = _read_tsv(dev_file, spec, "dev")
+    return _protocol_splits(pool, heldout, protocol, k, seed, opt_sizes, str(train_file))
+
+
+def load_task_splits(task: str | Task, data_dir: str | os.PathLike | None = None,
+                     protocol: Literal["kshot", "opt"] = "kshot", k: int = 16, seed: int = 0, *,
+                     train_file: str | os.PathLike | None = None, eval_file: str | os.PathLike | None = None,
+                     test_file: str | os.PathLike | None = None,
+                     opt_sizes: tuple[int, int, int] = (1000, 500, 1000)) -> Splits:
+    """The splits of a run: from data files (JSONL, CSV, TSV, parquet; :mod:`~mezo_kernels.datafiles`) when
+    any file is given, else :func:`load_splits` from the task's folder in ``data_dir``.
+
+    With files the protocol works as with a GLUE folder, the reported file playing ``dev.tsv``:
+
+    * train: sampled from ``train_file`` (kshot: ``k`` per class; opt: 1000);
+    * dev (periodic evaluation): ``eval_file`` when ``test_file`` is given too; else sampled from ``train_file``
+      (kshot: another ``k`` per class; opt: 500), disjoint from train;
+    * test (the before/after, reported split): ``test_file``, else ``eval_file`` (opt: 1000 rows sampled).
+
+    Without ``train_file`` (evaluation only, kshot protocol) train and dev are empty. The same files and seed
+    give the same splits.
+    """
+    if train_file is None and eval_file is None and test_file is None:
+        if data_dir is None and not isinstance(task, Task) and is_spec_path(task):
+            raise ValueError(f"task spec {task}: give its data with --train-file and --eval-file (.jsonl, .json, "
+                             ".csv, .tsv, .parquet), or --data-dir DIR holding <name>/train.tsv and dev.tsv")
+        return load_splits(task, data_dir, protocol, k, seed, opt_sizes=opt_sizes)
+    spec = task if isinstance(task, Task) else get_task(task)
+    reported = test_file if test_file is not None else eval_file
+    if reported is None:
+        raise ValueError("no evaluation data: give --eval-file (the reported split; also --test-file to report on "
+                         "a separate file, then --eval-file is the dev split)")
+    heldout = read_data_file(reported, spec, "dev")
+    if train_file is None:
+        if protocol != "kshot":
+            raise ValueError(f"--protocol {protocol} samples the test rows after the train rows: give --train-file")
+        return Splits([], [], heldout)
+    pool = read_data_file(train_file, spec, "train")
+    s = _protocol_splits(pool, heldout, protocol, k, seed, opt_sizes, str(train_file))
+    if test_file is not None and eval_file is not None:
+        s = Splits(s.train, read_data_file(eval_file, spec, "dev"), s.test)
+    return s
+
+
+def _protocol_splits(pool: list[Example], heldout: list[Example], protocol: str, k: int, seed: int,
+                     opt_sizes: tuple[int, int, int], what: str) -> Splits:
+    """Train/dev sampled from ``pool`` and test from ``heldout`` by ``protocol`` (see :func:`load_splits`)."""
     rng = random.Random(seed)
     if protocol == "kshot":
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        train, dev = _sample_kshot(pool, k, rng, str(train_file))
+        train, dev = _sample_kshot(pool, k, rng, what)
         return Splits(train, dev, list(heldout))
     if protocol == "opt":
         n_train, n_dev, n_test = opt_sizes
@@ -190,3 +217,10 @@ def load_splits(task: str, data_dir: str | os.PathLike | None, protocol: Literal
         test_idx = sorted(rng.sample(range(len(heldout)), min(n_test, len(heldout))))
         return Splits(train, dev, [heldout[i] for i in test_idx])
     raise ValueError(f"unknown protocol {protocol!r}; use 'kshot' or 'opt'")
+
+
+def subsample(examples: Sequence[Example], cap: int, seed: int) -> list[Example]:
+    """At most ``cap`` of ``examples`` (0: all): a ``random.Random(seed)`` sample when there are more."""
+    if cap and len(examples) > cap:
+        return random.Random(seed).sample(list(examples), cap)
+    return list(examples)

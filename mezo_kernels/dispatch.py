@@ -1,13 +1,8 @@
 """One place decides the backend: the registry, availability reasons, and the ``auto`` choice.
 
-Every backend implements the same operation on a group plan (``docs/kernel_abi.md``):
-
-| mode | name          | effect on element i (z = z(seed, base + i), fp32 math, one rounding to the dtype)   |
-|------|---------------|-------------------------------------------------------------------------------------|
-| 0    | AXPBY         | ``d = round(fma(z, beta, alpha * d))``                                              |
-| 1    | MASTER_UPDATE | ``m' = fma(z, beta, alpha * m); m = m'; d = round(fma(z, gamma, m'))``             |
-| 2    | MASTER_VIEW   | ``d = round(fma(z, gamma, m))``                                                     |
-| 3    | FILL          | ``d = round(z)``                                                                    |
+Every backend implements the same operation on a group plan (``docs/kernel_abi.md``): one of the kernel modes
+of the spec, ``rng.KernelMode`` (codes, effects, which modes read the fp32 master), on tensors of the dtypes in
+``rng.DTYPE_CODES``.
 
 ``MEZO_BACKEND`` (environment) overrides the ``backend`` argument everywhere.
 """
@@ -15,14 +10,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Protocol
 
 import torch
 
 from . import rng
 
-AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL = 0, 1, 2, 3
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# The spec's codes, re-exported under the names callers of this module have used.
+DTYPE_CODES, KernelMode, Distribution = rng.DTYPE_CODES, rng.KernelMode, rng.Distribution
+AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL = (KernelMode.AXPBY, KernelMode.MASTER_UPDATE, KernelMode.MASTER_VIEW,
+                                           KernelMode.FILL)
+GAUSSIAN = Distribution.GAUSSIAN
 NAMES = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "MEZO_BACKEND"
 
@@ -31,6 +30,7 @@ class Group(Protocol):
     """What a backend reads from a group plan (see ``perturb._Group``)."""
     tensors: list[torch.Tensor]
     masters: list[torch.Tensor] | None
+    sources: list[torch.Tensor] | None   # mode OUT: what meta[3] points at (the group's dtype)
     bases: list[int]
     dtype: torch.dtype
     device: torch.device
@@ -40,21 +40,28 @@ class Group(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- torch backend
-def _torch_launch(g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int) -> None:
-    """Pure-PyTorch implementation of every mode: the spec, one tensor at a time."""
+def _torch_launch(g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
+                  dist: int = GAUSSIAN) -> None:
+    """Pure-PyTorch implementation of every mode and distribution: the spec, one tensor at a time."""
+    mode, dist = KernelMode(mode), Distribution(dist)
     with torch.no_grad():
         for i, (t, base) in enumerate(zip(g.tensors, g.bases)):
-            z = rng.normal(seed, base, t.numel(), t.device).view(t.shape)
-            if mode == FILL:
+            z = rng.direction(seed, base, t.numel(), t.device, dist).view(t.shape)
+            if mode == KernelMode.FILL:
                 t.copy_(z)
-            elif mode == AXPBY:
+            elif mode == KernelMode.AXPBY:
                 t.copy_(rng.fma_update(t, z, alpha, beta))
-            else:
+            elif mode == KernelMode.AXPBY_SR:
+                t.copy_(rng.stochastic_round(rng.fma_update(t, z, alpha, beta), t.dtype, seed, base))
+            elif mode == KernelMode.OUT:
+                t.copy_(rng.fma_update(g.sources[i], z, alpha, beta))
+            elif mode in (KernelMode.MASTER_UPDATE, KernelMode.MASTER_VIEW):
                 m = g.masters[i]
-                m2 = rng.fma_update(m, z, alpha, beta) if mode == MASTER_UPDATE else m
-                if mode == MASTER_UPDATE:
-                    m.copy_(m2)
-                t.copy_(rng.fma_update(m2, z, 1.0, gamma))
+                if mode == KernelMode.MASTER_UPDATE:
+                    m.copy_(rng.fma_update(m, z, alpha, beta))
+                t.copy_(rng.fma_update(m, z, 1.0, gamma))
+            else:
+                raise ValueError(f"the torch backend does not implement kernel mode {mode.name}")
 
 
 # ---------------------------------------------------------------------------------------------- extensions
@@ -68,7 +75,7 @@ def _load(modname: str):
 class _Ext:
     def __init__(self, name: str, modname: str):
         self.name, self.modname, self._mod, self._why = name, modname, None, None
-        self._loaded, self._chunk = False, 0
+        self._loaded, self._chunk, self._codes = False, 0, None
 
     def module(self):
         if not self._loaded:
@@ -82,10 +89,33 @@ class _Ext:
             self._chunk = int(self.module().chunk_size())
         return self._chunk
 
-    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int) -> None:
+    def _spec(self) -> dict:
+        if self._codes is None:
+            self._codes = dict(self.module().spec_codes())
+        return self._codes
+
+    def unsupported(self, mode: int, dist: int) -> str | None:
+        """None when the built extension implements ``mode`` with ``dist``, else why not (an older build)."""
+        codes = self._spec()
+        if KernelMode(mode).name not in codes.get("modes", {}):
+            return (f"{self.modname} was built without kernel mode {KernelMode(mode).name}; rebuild it "
+                    "(`pip install -e .`)")
+        if Distribution(dist).label not in codes.get("distributions", {"gaussian": 0}):
+            return (f"{self.modname} was built without the {Distribution(dist).label} distribution; rebuild it "
+                    "(`pip install -e .`)")
+        return None
+
+    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
+               dist: int = GAUSSIAN) -> None:
+        why = self.unsupported(mode, dist)
+        if why is not None:
+            raise ValueError(why)
         meta, chunks = g.tables(self.chunk)
-        args = (meta.data_ptr(), meta.shape[1], chunks.data_ptr(), chunks.shape[0], self.chunk,
-                DTYPE_CODES[g.dtype], mode, seed, alpha, beta, gamma)
+        head = (meta.data_ptr(), meta.shape[1], chunks.data_ptr(), chunks.shape[0], self.chunk,
+                int(DTYPE_CODES[g.dtype]), int(mode))
+        # an extension built before distributions existed takes no dist argument (and serves gaussian only)
+        args = (*head, int(dist)) if "distributions" in self._spec() else head
+        args = (*args, seed, alpha, beta, gamma)
         if self.name == "cuda":
             stream = torch.cuda.current_stream(g.device).cuda_stream
             self.module().axpby(*args, stream)
@@ -103,16 +133,24 @@ class _Triton:
     def chunk(self) -> int:
         return int(self.module().CHUNK)
 
-    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int) -> None:
+    def unsupported(self, mode: int, dist: int) -> str | None:
+        return None
+
+    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
+               dist: int = GAUSSIAN) -> None:
         meta, chunks = g.tables(self.chunk)
         self.module().launch(meta, chunks, meta.shape[1], chunks.shape[0], g.dtype, mode, seed,
-                             alpha, beta, gamma, g.aligned)
+                             alpha, beta, gamma, g.aligned, dist=int(dist))
 
 
 class _Torch:
     name = "torch"
     chunk = 0
     launch = staticmethod(_torch_launch)
+
+    @staticmethod
+    def unsupported(mode: int, dist: int) -> str | None:
+        return None
 
 
 _REGISTRY = {"cpu": _Ext("cpu", "mezo_kernels._C"), "cuda": _Ext("cuda", "mezo_kernels._C_cuda"),
@@ -155,15 +193,47 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve(backend: str, device: torch.device):
-    """The backend object to use for tensors on ``device``; ``MEZO_BACKEND`` overrides ``backend``."""
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def unsupported_reason(name: str, device: torch.device, mode: int, dist: int = GAUSSIAN) -> str | None:
+    """None when backend ``name`` runs kernel ``mode`` with distribution ``dist`` on ``device``, else why not."""
+    why = unavailable_reason(name, device)
+    if why is None:
+        why = _REGISTRY[name].unsupported(KernelMode(mode), rng.distribution_code(dist))
+    return why
+
+
+def resolve(backend: str, device: torch.device, modes=(), dist: int = GAUSSIAN):
+    """The backend object to use for tensors on ``device``; ``MEZO_BACKEND`` overrides ``backend``.
+
+    ``modes`` (kernel modes) and ``dist`` (a distribution) are what the caller will launch: ``auto`` picks the
+    first backend of its order that serves them all (e.g. torch on the CPU when the C++ extension was built
+    without a mode), a named backend that does not serve them is a ValueError saying why."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    dist = rng.distribution_code(dist)
     name = os.environ.get(ENV_VAR) or backend
+
+    def why_not(n: str) -> str | None:
+        return unavailable_reason(n, device) or next(
+            (w for m in modes if (w := _REGISTRY[n].unsupported(KernelMode(m), dist)) is not None), None)
+
     if name == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
-        name = next(n for n in order if unavailable_reason(n, device) is None)
-    why = unavailable_reason(name, device)
+        name = next(n for n in order if why_not(n) is None)
+        skipped = [n for n in order[:order.index(name)] if unavailable_reason(n, device) is None]
+        if skipped:   # a present backend lacks the feature: say so once, the fallback may be far slower
+            _warn_once(f"backend {skipped[0]!r} is present but {why_not(skipped[0])}; using {name!r} instead")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(NAMES)}")
+    why = why_not(name)
     if why is not None:
         src = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
         raise ValueError(f"backend {name!r}{src} is unavailable for {device}: {why}")

@@ -3,8 +3,9 @@
 Data parallel: every rank holds the same weights and the same seed sequence, evaluates its slice of the global
 batch, and the ranks exchange only the per-example losses (an all-gather in rank order, so every rank reduces the
 same [B] vector in the same order and gets the same g, bit for bit). Every rank then applies the identical update:
-no gradient buffers, no parameter broadcasts after start-up. ``reduce="sum"`` exchanges one float64 per forward
-instead (2 scalars per step with one direction).
+no gradient buffers, no parameter broadcasts after start-up. ``exchange="sum"`` exchanges one float64 per forward
+instead (2 scalars per step with one direction). This module moves tensors only: what the per-example rows are
+and how they become the scalar is the caller's reducer (``objectives.Reduction``).
 
 Tensor parallel: a rank holding a row or column shard of a parameter perturbs it with the *global* element indices
 of the unsharded parameter (``sharded_params`` computes the bases), so its z is exactly the single-process z.
@@ -17,17 +18,15 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import rng
-from .objectives import CausalLMObjective, MaskedLMObjective, ObjectiveOutput, objective_value
 
-__all__ = ["DistInfo", "init_from_env", "env_world_size", "is_main", "rank_slice", "CommStats",
-           "DataParallelLoss", "broadcast_object", "check_replicas", "write_text", "shard_range", "Shard",
-           "sharded_params"]
+__all__ = ["DistInfo", "init_from_env", "env_world_size", "rank_slice", "CommStats", "Reducer",
+           "DataParallelLoss", "broadcast_object", "check_replicas", "shard_range", "Shard", "sharded_params"]
 
 
 class DistInfo(NamedTuple):
@@ -72,18 +71,6 @@ def init_from_env(backend: str | None = None) -> DistInfo:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single process): the one rank that writes files and prints."""
-    return not _active() or dist.get_rank() == 0
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file from rank 0 only (other ranks return at once)."""
-    if is_main():
-        with open(path, "w") as f:
-            f.write(text)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -138,66 +125,57 @@ class CommStats:
                          self.seconds - old.seconds)
 
 
+class Reducer(Protocol):
+    """Turns per-example tensors into the scalar to minimize (``objectives.Reduction`` is one).
+
+    ``rows(out)``: [K, b] float32 rows of one rank's output over its b examples (K fixed); ``value(rows)``: the
+    float from the [K, B] rows of the whole batch, in batch order; ``additive``: ``value(rows)`` is the mean of
+    row 0, so the ranks may exchange one partial sum instead of the rows."""
+
+    additive: bool
+
+    def rows(self, out: Any) -> torch.Tensor: ...
+
+    def value(self, rows: torch.Tensor) -> float: ...
+
+
 class DataParallelLoss:
-    """``fn(model, global_batch) -> float``: this rank's slice, losses exchanged, the global value on every rank.
+    """``loss(model, global_batch) -> float``: this rank's slice, rows exchanged, the global value on every rank.
 
     Args:
-        objective: a built-in objective (``obj(batch, model=model) -> ObjectiveOutput``) or a callable
-            ``fn(model, batch)`` returning an ``ObjectiveOutput`` (``reduce="sum"`` also takes a float: the mean).
-        kind: ``"ce" | "neg_accuracy" | "neg_f1"`` as in ``objectives.objective_value``.
-        reduce: ``"gather"`` (default): all-gather the per-example values, fixed rank order, so every rank reduces
-            the identical [B] vector exactly as a single process would; ``"sum"``: all-reduce one float64 sum per
-            forward (CE only; 8 bytes, but the summation order is the backend's).
+        fn: ``fn(model, local_batch) -> out``; ``out`` is whatever ``reducer.rows`` reads.
+        reducer: a :class:`Reducer`.
+        exchange: ``"gather"`` (default): all-gather the [K, b] rows in fixed rank order, so every rank reduces the
+            identical [K, B] tensor exactly as a single process would; ``"sum"``: all-reduce one float64 sum of
+            row 0 per forward (additive reducers only; 8 bytes, but the summation order is the backend's).
     """
 
-    def __init__(self, objective: Callable, kind: str = "ce", reduce: str = "gather", group=None):
-        if reduce not in ("gather", "sum"):
-            raise ValueError(f"reduce must be 'gather' or 'sum', got {reduce!r}")
-        if kind not in ("ce", "neg_accuracy", "neg_f1"):
-            raise ValueError(f"unknown objective kind {kind!r}")
-        if reduce == "sum" and kind != "ce":
-            raise ValueError("reduce='sum' averages losses; accuracy/F1 objectives need reduce='gather'")
-        if not callable(objective):
-            raise TypeError(f"objective must be callable, got {type(objective).__name__}")
-        self.objective, self.kind, self.reduce, self.group = objective, kind, reduce, group
+    def __init__(self, fn: Callable, reducer: Reducer, exchange: str = "gather", group=None):
+        if exchange not in ("gather", "sum"):
+            raise ValueError(f"exchange must be 'gather' or 'sum', got {exchange!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(model, batch), got {type(fn).__name__}")
+        if not all(callable(getattr(reducer, m, None)) for m in ("rows", "value")):
+            raise TypeError(f"reducer must have rows(out) and value(rows) methods, got {type(reducer).__name__}")
+        if exchange == "sum" and not reducer.additive:
+            raise ValueError("exchange='sum' averages row 0; this reducer is not additive (accuracy/F1 objectives "
+                             "need exchange='gather')")
+        self.fn, self.reducer, self.exchange, self.group = fn, reducer, exchange, group
         self.stats = CommStats()
-
-    def _forward(self, model, batch) -> ObjectiveOutput | float:
-        if isinstance(self.objective, (MaskedLMObjective, CausalLMObjective)):   # model= picks the module to run
-            return self.objective(batch, model=model)
-        return self.objective(model, batch)
 
     def __call__(self, model, batch: Sequence) -> float:
         if not _active():
-            out = self._forward(model, batch)
-            return objective_value(out, self.kind) if isinstance(out, ObjectiveOutput) else float(out)
+            return self.reducer.value(self.reducer.rows(self.fn(model, batch)))
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        out = self._forward(model, rank_slice(batch, rank, world))
-        if self.reduce == "sum":
-            n = len(batch) // world
-            local = out.per_example.double().sum() if isinstance(out, ObjectiveOutput) else float(out) * n
-            buf = torch.tensor([float(local)], dtype=torch.float64, device=self._device(out))
+        mine = self.reducer.rows(self.fn(model, rank_slice(batch, rank, world)))
+        if self.exchange == "sum":
+            buf = mine[0].double().sum().reshape(1)
             self._timed(lambda: dist.all_reduce(buf, group=self.group), buf.numel() * 8, buf.numel() * 8)
             return float(buf[0]) / len(batch)
-        if not isinstance(out, ObjectiveOutput):
-            raise TypeError("reduce='gather' needs per-example losses: the objective must return an ObjectiveOutput")
-        rows = [out.per_example.float()]
-        if self.kind != "ce":       # predictions and labels are small ints: exact in fp32
-            rows += [out.preds.float(), out.labels.float()]
-        mine = torch.stack(rows).contiguous()
         parts = [torch.empty_like(mine) for _ in range(world)]
         nbytes = mine.numel() * mine.element_size()
         self._timed(lambda: dist.all_gather(parts, mine, group=self.group), nbytes, nbytes * (world - 1))
-        full = torch.cat(parts, dim=1)                             # rank order = global batch order
-        per = full[0]
-        if self.kind == "ce":
-            return float(per.mean().item())                        # the single-process reduction, same order
-        glob = ObjectiveOutput(per.mean(), per, torch.empty(0), full[1].long(), full[2].long())
-        return objective_value(glob, self.kind)
-
-    @staticmethod
-    def _device(out) -> torch.device:
-        return out.per_example.device if isinstance(out, ObjectiveOutput) else torch.device("cpu")
+        return self.reducer.value(torch.cat(parts, dim=1))         # rank order = global batch order
 
     def _timed(self, op: Callable[[], Any], out_bytes: int, in_bytes: int) -> None:
         t0 = time.perf_counter()

@@ -1,26 +1,29 @@
 """Model loading for MeZO experiments: SmolLM2-135M from its GGUF, tiny random models for tests, any HF model;
-LoRA adapters and the canonical trainable-parameter list.
+LoRA adapters, the canonical trainable-parameter list, and what a loaded model is (:func:`unwrap`,
+:func:`model_kind`).
 
 Models come back in ``eval()`` mode (no dropout: the two MeZO forwards of a step must see the same function) with
 every parameter trainable (full-parameter mode); :func:`add_lora` switches to LoRA mode.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["load_model", "add_lora", "trainable_parameters", "build_tiny_tokenizer", "TINY_MODELS",
-           "SMOLLM2_GGUF", "LORA_TARGETS"]
+from . import _compat
+
+__all__ = ["load_model", "add_lora", "trainable_parameters", "unwrap", "model_kind", "build_tiny_tokenizer",
+           "TINY_MODELS", "BUILTIN_MODELS", "SMOLLM2_GGUF", "LORA_TARGETS"]
 
 ModelKind = Literal["causal", "masked"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-roberta", "tiny-bert")
+BUILTIN_MODELS = ("smollm2-135m",) + TINY_MODELS
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
@@ -141,7 +144,7 @@ def _load_tiny(name: str, seed: int, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         auto = AutoModelForMaskedLM if kind in ("roberta", "bert") else AutoModelForCausalLM
-        model = auto.from_config(cfg, dtype=torch.float32)
+        model = auto.from_config(cfg, **_compat.dtype_kwargs(torch.float32))
     return model.to(dtype), tok, ("masked" if kind in ("roberta", "bert") else "causal")
 
 
@@ -158,45 +161,39 @@ def _find_smollm2_dir() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}; {hint}")
 
 
-@contextlib.contextmanager
-def _gguf_parse_once() -> Iterator[None]:
-    """Speed up a GGUF load about 2x: transformers (5.x) builds a ``gguf.GGUFReader`` (about 5 s of metadata
-    parsing for SmolLM2's 49k-token vocab) once for the tokenizer, once for the config and once for the weights,
-    and a ``gguf.TensorNameMap`` once per submodule. Inside this context both are memoized (same file, same
-    arguments, read-only objects); the gguf module is restored afterwards."""
-    try:
-        import gguf
-    except ImportError:
-        yield
-        return
-    orig = {k: getattr(gguf, k, None) for k in ("GGUFReader", "get_tensor_name_map")}
-    if None in orig.values():
-        yield
-        return
-    readers: dict[tuple[str, str], Any] = {}
-    maps: dict[tuple, Any] = {}
-
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = orig["GGUFReader"](path, mode)
-        return readers[key]
-
-    def name_map(*args: Any) -> Any:
-        if args not in maps:
-            maps[args] = orig["get_tensor_name_map"](*args)
-        return maps[args]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = orig["GGUFReader"], orig["get_tensor_name_map"]
-        readers.clear()
+def _looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id (``org/name`` or ``name``): absolute, relative, or more than one ``/``."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _not_a_model(name: str) -> str:
+    return (f"model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a local folder "
+            "(a folder with config.json)")
+
+
+def _hf_source(name: str) -> bool:
+    """Whether the transformers model ``name`` loads from local files only (a folder, or a hub id already in the
+    local cache) rather than from the hub. ValueError, before any network access, for a name that cannot be a
+    model: a missing folder, a name that is not a hub id ``org/name``, or any name while ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).expanduser().is_dir():
+        return True
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model folder {name} does not exist (and it is not a hub id 'org/name')")
+    try:            # a file lookup in the local hub cache (transformers' local_files_only still asks the network)
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return True
+    except ValueError:                      # not a valid repo id
+        pass
+    if _offline() or name.count("/") != 1:
+        why = "it is not in the local hub cache and HF_HUB_OFFLINE is set" if _offline() else "hub ids are 'org/name'"
+        raise ValueError(f"{_not_a_model(name)}; {why}")
+    return False
 
 
 def load_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
@@ -210,8 +207,11 @@ def load_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     * ``"tiny-llama" | "tiny-opt" | "tiny-roberta" | "tiny-bert"``: 2 layers, hidden 64, 4 heads, random
       weights from ``torch.manual_seed(seed)`` (bit-identical across runs; the global RNG is left untouched),
       with an in-memory tokenizer (:func:`build_tiny_tokenizer`).
-    * anything else: an HF hub id or a local folder through the Auto classes (causal LM first, then masked LM);
-      ``local_files_only`` when ``HF_HUB_OFFLINE`` is set.
+    * a local folder, or a hub id ``org/name`` (from the local hub cache when it is there, else downloaded
+      unless ``HF_HUB_OFFLINE`` is set), through the Auto classes (causal LM first, then masked LM).
+
+    Any other name is a ValueError that lists the built-in models, raised without network access; a hub id the
+    hub cannot provide is a ValueError too.
 
     The model is in eval mode with every parameter requiring grad (full-parameter mode).
     """
@@ -222,20 +222,23 @@ def load_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
         model, tok, kind = _load_tiny(name, seed, dtype)
     elif name == "smollm2-135m":
         folder = _find_smollm2_dir()
-        with _gguf_parse_once():
+        with _compat.gguf_parse_once():
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, local_files_only=True,
-                                                         dtype=dtype)
+                                                         **_compat.dtype_kwargs(dtype))
         kind = "causal"
     else:
-        local = _offline() or Path(name).is_dir()
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        cfg = AutoConfig.from_pretrained(name, local_files_only=local)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_names
-        if cfg.model_type in causal_names:
-            model, kind = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, dtype=dtype), "causal"
-        else:
-            model, kind = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local, dtype=dtype), "masked"
+        local = _hf_source(name)
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
+            cfg = AutoConfig.from_pretrained(name, local_files_only=local)
+        except OSError as e:                # an incomplete folder or cache; the hub could not provide it
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"model {name!r}: {why}" if local else
+                             f"{_not_a_model(name)}; the Hugging Face hub could not provide it either: {why}") from None
+        auto = AutoModelForCausalLM if cfg.model_type in _compat.lm_class_names("causal") else AutoModelForMaskedLM
+        model = auto.from_pretrained(name, local_files_only=local, **_compat.dtype_kwargs(dtype))
+        kind = "causal" if auto is AutoModelForCausalLM else "masked"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -264,8 +267,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets: Sequence[st
         if mtype not in LORA_TARGETS:
             raise ValueError(f"no default LoRA targets for model_type {mtype!r}; pass targets=(...)")
         targets = LORA_TARGETS[mtype]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_names
-    causal = type(model).__name__ == causal_names.get(mtype)
+    causal = type(model).__name__ == _compat.lm_class_names("causal").get(mtype)
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if first_layer and (n_layers is None or not 0 <= first_layer < n_layers):
         raise ValueError(f"first_layer={first_layer} is not a layer of this model ({n_layers} layers)")
@@ -284,3 +286,19 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     This order is canonical: the perturbation seed-to-tensor layout follows it.
     """
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_kind(model: nn.Module) -> Literal["masked", "causal", "unknown"]:
+    """``"masked"`` for a ``*ForMaskedLM``, ``"causal"`` for a ``*ForCausalLM`` (also inside peft wrappers): by
+    transformers' Auto-class tables, else by the class-name suffix."""
+    name = type(unwrap(model)).__name__
+    if name in set(_compat.lm_class_names("masked").values()) or name.endswith("ForMaskedLM"):
+        return "masked"
+    if name in set(_compat.lm_class_names("causal").values()) or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    return "unknown"

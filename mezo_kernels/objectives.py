@@ -1,6 +1,10 @@
 """Prompt-based classification objectives for forward-only (MeZO) training: one forward gives the smooth
 cross-entropy loss *and* the predictions for accuracy / F1.
 
+Every objective has one signature, ``objective(model, batch) -> ObjectiveOutput`` with ``batch`` a sequence of
+:class:`~mezo_kernels.data.Example`; the objective keeps the tokenizer and task, the model (possibly a peft
+wrapper) is passed on each call.
+
 * :class:`MaskedLMObjective` (LM-BFF): class scores = MLM logits at the mask position over the label words'
   token ids, ``[B, C]``; loss = cross-entropy over them.
 * :class:`CausalLMObjective` (MeZO's OPT experiments): class score = sum of the continuation's token
@@ -9,51 +13,28 @@ cross-entropy loss *and* the predictions for accuracy / F1.
 
 Neither forces ``torch.no_grad()``: MeZO callers wrap the call in it, gradient checks do not.
 
-User objectives: anything accepted by :func:`scalar_objective` -- a callable ``fn(model, batch) -> float`` or
-``fn(model, batch) -> ObjectiveOutput`` where ``batch`` is a sequence of :class:`~mezo_kernels.data.Example`.
+A scalar to minimize comes from :func:`scalar_objective` (one process) or from a :class:`Reduction` handed to
+``distributed.DataParallelLoss`` (the ranks exchange per-example tensors, the reduction turns them into the
+scalar). User objectives ``fn(model, batch)`` may return a float or an ``ObjectiveOutput``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Protocol, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import lmbff
 from .data import Example
-from .forward import ForwardEngine, unwrap
+from .metrics import (ObjectiveKind, ObjectiveOutput, Reduction, accuracy, f1, from_scores, objective_value,
+                      scalar_objective)
+from .models import model_kind, unwrap
 from .tasks import Task
 
-__all__ = ["ObjectiveOutput", "MaskedLMObjective", "CausalLMObjective", "accuracy", "f1", "objective_value",
-           "scalar_objective", "make_objective", "model_kind", "label_word_ids"]
-
-ObjectiveKind = Literal["ce", "neg_accuracy", "neg_f1"]
-
-
-@dataclass
-class ObjectiveOutput:
-    """Result of one objective forward over a batch of B examples with C classes.
-
-    loss: scalar float32 tensor, mean of ``per_example``.
-    per_example: [B] float32 cross-entropy of each example.
-    logits: [B, C] float32 class scores (label-word logits or candidate log-prob scores).
-    preds: [B] int64 argmax of ``logits``.
-    labels: [B] int64 gold labels.
-    """
-
-    loss: torch.Tensor
-    per_example: torch.Tensor
-    logits: torch.Tensor
-    preds: torch.Tensor
-    labels: torch.Tensor
-
-
-def from_scores(scores: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
-    """The output for class ``scores`` [B, C] and gold ``labels`` [B]: CE per example, its mean, argmax."""
-    scores = scores.float()
-    per = F.cross_entropy(scores, labels, reduction="none")
-    return ObjectiveOutput(per.mean(), per, scores, scores.argmax(-1), labels)
+__all__ = ["MaskedLMObjective", "CausalLMObjective", "make_objective", "label_word_ids", "LogitsAt",
+           # the output and what is computed from it (metrics.py), re-exported: one import for callers
+           "ObjectiveOutput", "ObjectiveKind", "from_scores", "accuracy", "f1", "objective_value",
+           "scalar_objective", "Reduction"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -90,28 +71,33 @@ def _truncate(tokenizer: Any, ex: Example, budget: int, render: Callable[[Exampl
     return ex
 
 
+class LogitsAt(Protocol):
+    """What a causal objective runs the model through (the forward engine is one):
+    ``logits_at(model, input_ids [R, T], attention_mask [R, T], rows [N], cols [N]) -> [N, V]`` logits of row
+    ``rows[i]`` at column ``cols[i]``."""
+
+    def logits_at(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor: ...
+
+
 class MaskedLMObjective:
-    """LM-BFF objective for a masked LM.
+    """LM-BFF objective for a masked LM: ``obj(model, batch) -> ObjectiveOutput``.
 
     ``encode(batch)`` -> dict of ``input_ids``/``attention_mask`` [B, T] (right padded, at most ``max_length``;
-    long texts are cut so the mask survives), ``mask_pos`` [B], ``labels`` [B]. ``forward(enc)`` runs the model:
-    logits [B, T, V] -> scores ``logits[b, mask_pos[b], word_ids]`` [B, C] -> cross-entropy.
-    ``obj(batch)`` does both; pass ``model=`` to score with another module (e.g. a peft wrapper).
+    long texts are cut so the mask survives), ``mask_pos`` [B], ``labels`` [B]. ``forward(model, enc)`` runs the
+    model: logits [B, T, V] -> scores ``logits[b, mask_pos[b], word_ids]`` [B, C] -> cross-entropy.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, task: Task, max_length: int = 128) -> None:
+    def __init__(self, tokenizer: Any, task: Task, max_length: int = 128) -> None:
         if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token; a masked-LM objective needs one "
                              "(use CausalLMObjective for causal LMs)")
-        kind = model_kind(model)
-        if kind == "causal":
-            raise ValueError(f"model {type(model).__name__} is a causal LM, not a masked LM; "
-                             "use CausalLMObjective or make_objective")
-        self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
         space = task.mask_has_leading_space()
         self.word_ids = torch.tensor([label_word_ids(tokenizer, w, space) for w in task.words])
         if len(set(self.word_ids.tolist())) != task.num_classes:
             raise ValueError(f"label words {task.words} map to repeated token ids {self.word_ids.tolist()}")
+        self.parts = lmbff.parse(task.template) if lmbff.is_lmbff(task.template) else None
 
     def _render(self, ex: Example) -> str:
         return self.task.format_masked(ex, self.tokenizer.mask_token)
@@ -119,8 +105,13 @@ class MaskedLMObjective:
     def encode(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Tokenize a batch; see the class docstring for the shapes."""
         tok = self.tokenizer
-        texts = [self._render(_truncate(tok, ex, self.max_length, self._render)) for ex in batch]
-        enc = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        if self.parts is not None:              # LM-BFF template: its parts tokenized one by one (lmbff.py)
+            texts = [self.task.format_masked(ex, tok.mask_token) for ex in batch]
+            enc = tok.pad({"input_ids": [lmbff.encode(tok, self.parts, [ex.text_a, ex.text_b], self.max_length)
+                                         for ex in batch]}, padding=True, return_tensors="pt")
+        else:
+            texts = [self._render(_truncate(tok, ex, self.max_length, self._render)) for ex in batch]
+            enc = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         ids = enc["input_ids"]
         is_mask = ids == tok.mask_token_id
         counts = is_mask.sum(1)
@@ -130,9 +121,8 @@ class MaskedLMObjective:
         return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mask_pos": is_mask.float().argmax(1),
                 "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long)}
 
-    def forward(self, enc: dict[str, torch.Tensor], model: nn.Module | None = None) -> ObjectiveOutput:
-        """Run the model on an encoded batch and score it."""
-        model = model if model is not None else self.model
+    def forward(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Run ``model`` on an encoded batch and score it."""
         dev = _device(model)
         logits = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)).logits
         rows = torch.arange(logits.shape[0], device=dev)
@@ -140,12 +130,12 @@ class MaskedLMObjective:
         scores = at_mask[:, self.word_ids.to(dev)]                     # [B, C]
         return from_scores(scores, enc["labels"].to(dev))
 
-    def __call__(self, batch: Sequence[Example], model: nn.Module | None = None) -> ObjectiveOutput:
-        return self.forward(self.encode(batch), model)
+    def __call__(self, model: nn.Module, batch: Sequence[Example]) -> ObjectiveOutput:
+        return self.forward(model, self.encode(batch))
 
 
 class CausalLMObjective:
-    """MeZO/OPT candidate-scoring objective for a causal LM.
+    """MeZO/OPT candidate-scoring objective for a causal LM: ``obj(model, batch) -> ObjectiveOutput``.
 
     For example b and candidate c: row = ``prompt_ids + cont_ids``; score[b, c] = sum over the continuation's
     tokens t of ``log_softmax(logits[pos(t) - 1])[t]``, divided by ``len(cont_ids)`` when ``length_normalize``.
@@ -154,18 +144,17 @@ class CausalLMObjective:
     example is run (identical result, C times less work). Prompts are cut from the left to fit ``max_length``.
 
     ``chat=True`` wraps prompts in the tokenizer's chat template (instruct models); off by default.
-    ``engine``: the :class:`~mezo_kernels.forward.ForwardEngine` that runs the model (default: every exact reuse
-    on; ``ForwardEngine.plain()`` for the plain forward). Rows sharing a prompt prefix (a chat template, the
-    candidates of one example) then share its computation.
-    ``encode`` -> dict of ``input_ids``/``attention_mask`` [R, T], ``tgt_pos``/``tgt_ids``/``tgt_row`` [N] (the
-    position predicting each continuation token, the token, the (b, c) slot ``b * C + c``), ``cont_len`` [B*C],
-    ``labels`` [B].
+    ``engine``: what runs the model (:class:`LogitsAt`, e.g. a ``forward.ForwardEngine``, which lets rows sharing
+    a prompt prefix share its computation); None runs the plain transformers forward. Whoever builds the
+    objective chooses.
+    ``encode`` -> dict of ``input_ids``/``attention_mask`` [R, T], ``tgt_r``/``tgt_pos``/``tgt_ids``/``tgt_row``
+    [N] (the row and position predicting each continuation token, the token, the (b, c) slot ``b * C + c``),
+    ``cont_len`` [B*C], ``labels`` [B].
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, task: Task, max_length: int = 128,
-                 length_normalize: bool = True, chat: bool = False, engine: ForwardEngine | None = None) -> None:
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.engine = engine if engine is not None else ForwardEngine()
+    def __init__(self, tokenizer: Any, task: Task, max_length: int = 128, length_normalize: bool = True,
+                 chat: bool = False, engine: LogitsAt | None = None) -> None:
+        self.tokenizer, self.task, self.engine = tokenizer, task, engine
         self.max_length, self.length_normalize, self.chat = max_length, length_normalize, chat
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"chat=True but tokenizer {type(tokenizer).__name__} has no chat template")
@@ -222,12 +211,18 @@ class CausalLMObjective:
                 "cont_len": torch.tensor(cont_len, dtype=torch.float32),
                 "labels": torch.tensor([ex.label for ex in batch], dtype=torch.long)}
 
-    def forward(self, enc: dict[str, torch.Tensor], model: nn.Module | None = None) -> ObjectiveOutput:
-        """Run the model on an encoded batch (through the forward engine) and score it."""
-        model = model if model is not None else self.model
+    def _logits_at(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = enc["input_ids"], enc["attention_mask"], enc["tgt_r"], enc["tgt_pos"]
+        if self.engine is not None:
+            return self.engine.logits_at(model, *args)
         dev = _device(model)
-        sel = self.engine.logits_at(model, enc["input_ids"], enc["attention_mask"], enc["tgt_r"],
-                                    enc["tgt_pos"]).float()                            # [N, V]
+        ids, mask, rows, cols = (t.to(dev) for t in args)
+        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+
+    def forward(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Run ``model`` on an encoded batch (through the engine, if any) and score it."""
+        dev = _device(model)
+        sel = self._logits_at(model, enc).float()                                      # [N, V]
         tok_lp = sel.log_softmax(-1).gather(1, enc["tgt_ids"].to(dev)[:, None])[:, 0]   # [N]
         B, C = len(enc["labels"]), self.task.num_classes
         scores = torch.zeros(B * C, dtype=torch.float32, device=dev).index_add(0, enc["tgt_row"].to(dev), tok_lp)
@@ -235,21 +230,8 @@ class CausalLMObjective:
             scores = scores / enc["cont_len"].to(dev)
         return from_scores(scores.view(B, C), enc["labels"].to(dev))
 
-    def __call__(self, batch: Sequence[Example], model: nn.Module | None = None) -> ObjectiveOutput:
-        return self.forward(self.encode(batch), model)
-
-
-def model_kind(model: nn.Module) -> Literal["masked", "causal", "unknown"]:
-    """``"masked"`` for a ``*ForMaskedLM``, ``"causal"`` for a ``*ForCausalLM`` (also inside peft wrappers)."""
-    from transformers.models.auto import modeling_auto as ma
-
-    name = type(unwrap(model)).__name__
-    if name in set(ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) or name.endswith("ForMaskedLM"):
-        return "masked"
-    causal = {v for v in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if isinstance(v, str)}
-    if name in causal or name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal"
-    return "unknown"
+    def __call__(self, model: nn.Module, batch: Sequence[Example]) -> ObjectiveOutput:
+        return self.forward(model, self.encode(batch))
 
 
 Objective = Union[MaskedLMObjective, CausalLMObjective]
@@ -257,71 +239,18 @@ Objective = Union[MaskedLMObjective, CausalLMObjective]
 
 def make_objective(model: nn.Module, tokenizer: Any, task: Task, kind: Literal["auto", "masked", "causal"] = "auto",
                    **kwargs: Any) -> Objective:
-    """A :class:`MaskedLMObjective` or :class:`CausalLMObjective` for ``model``; ``kind="auto"`` decides from
-    the model's head class (seen through a peft wrapper). ``kwargs`` go to the objective's constructor."""
-    if kind == "auto":
-        detected = model_kind(model)
-        if detected == "unknown":
-            raise ValueError(f"cannot tell whether {type(unwrap(model)).__name__} is a masked or causal LM; "
-                             "pass kind='masked' or kind='causal'")
-        kind = detected
-    if kind == "masked":
-        return MaskedLMObjective(model, tokenizer, task, **kwargs)
-    if kind == "causal":
-        return CausalLMObjective(model, tokenizer, task, **kwargs)
-    raise ValueError(f"unknown objective kind {kind!r}; use 'auto', 'masked' or 'causal'")
-
-
-def accuracy(out: ObjectiveOutput) -> float:
-    """Fraction of ``preds == labels`` (0.0 for an empty batch)."""
-    n = out.labels.numel()
-    return float((out.preds == out.labels).sum().item()) / n if n else 0.0
-
-
-def f1(out: ObjectiveOutput, positive: int = 1, zero_division: float = 1.0) -> float:
-    """Binary F1 of class ``positive``: ``2 TP / (2 TP + FP + FN)``.
-
-    When the batch has no positive labels and no positive predictions (0/0) the result is ``zero_division``
-    (default 1.0: nothing to find and nothing wrongly found).
-    """
-    p, y = out.preds == positive, out.labels == positive
-    tp = int((p & y).sum().item())
-    denom = 2 * tp + int((p & ~y).sum().item()) + int((~p & y).sum().item())
-    return 2 * tp / denom if denom else float(zero_division)
-
-
-def objective_value(out: ObjectiveOutput, kind: ObjectiveKind = "ce") -> float:
-    """A float to minimize: ``"ce"`` the mean cross-entropy, ``"neg_accuracy"`` -accuracy,
-    ``"neg_f1"`` -F1 of class 1."""
-    if kind == "ce":
-        return float(out.loss.item())
-    if kind == "neg_accuracy":
-        return -accuracy(out)
-    if kind == "neg_f1":
-        return -f1(out)
-    raise ValueError(f"unknown objective {kind!r}; use 'ce', 'neg_accuracy', 'neg_f1' or a callable")
-
-
-UserObjective = Callable[[nn.Module, Sequence[Example]], Union[float, ObjectiveOutput]]
-
-
-def scalar_objective(objective: Objective | UserObjective, kind: ObjectiveKind = "ce"
-                     ) -> Callable[[nn.Module, Sequence[Example]], float]:
-    """``fn(model, batch) -> float`` to minimize.
-
-    ``objective`` is a built-in objective (scored with ``kind``) or a user callable
-    ``fn(model, batch) -> float | ObjectiveOutput``; an ``ObjectiveOutput`` is reduced with ``kind``, a number
-    is used as is (lower is better). The model passed in is the one to run (it may be a peft wrapper).
-    """
-    if isinstance(objective, (MaskedLMObjective, CausalLMObjective)):
-        obj = objective
-        return lambda model, batch: objective_value(obj(batch, model=model), kind)
-    if not callable(objective):
-        raise TypeError(f"objective must be a MaskedLMObjective, CausalLMObjective or callable, got {objective!r}")
-    fn = objective
-
-    def call(model: nn.Module, batch: Sequence[Example]) -> float:
-        r = fn(model, batch)
-        return objective_value(r, kind) if isinstance(r, ObjectiveOutput) else float(r)
-
-    return call
+    """A :class:`MaskedLMObjective` or :class:`CausalLMObjective` for ``model`` (used only to check its head:
+    the objective is called with the model later); ``kind="auto"`` decides from the model's head class (seen
+    through a peft wrapper). ``kwargs`` go to the objective's constructor (``engine=`` for a causal one)."""
+    if kind not in ("auto", "masked", "causal"):
+        raise ValueError(f"unknown objective kind {kind!r}; use 'auto', 'masked' or 'causal'")
+    detected = model_kind(model)
+    if kind == "auto" and detected == "unknown":
+        raise ValueError(f"cannot tell whether {type(unwrap(model)).__name__} is a masked or causal LM; "
+                         "pass kind='masked' or kind='causal'")
+    if kind != "auto" and detected not in ("unknown", kind):
+        raise ValueError(f"model {type(unwrap(model)).__name__} is a {detected} LM, not a {kind} LM; "
+                         f"use kind='{detected}' or kind='auto'")
+    kind = detected if kind == "auto" else kind
+    cls = MaskedLMObjective if kind == "masked" else CausalLMObjective
+    return cls(tokenizer, task, **kwargs)

@@ -1,6 +1,14 @@
-"""The MeZO optimizer: ``step(closure)`` = +eps, closure, -eps, closure, one fused restore+update.
+"""The MeZO optimizer: ``step(closure)`` = loss at theta + eps*z, loss at theta - eps*z, one update.
 
-Model-agnostic: it sees tensors and a closure returning a float loss, never transformers or peft.
+Two ways to show the closure the perturbed weights (``perturb=``): ``"inplace"`` writes theta + eps*z into the
+weights, then theta - eps*z, and fuses the restore with the update; ``"virtual"`` (needs ``model=``) never writes
+them during the passes: each module sees its trainable tensors materialised just in time (``virtual.py``), so
+restore is free and exact in every dtype, and the update is the only write of a step (rounded stochastically in
+fp16/bf16, as no fp32 master keeps the small steps).
+
+A ``torch.optim.Optimizer``: param groups with their own ``lr`` and ``weight_decay``, so torch and HF LR schedulers
+drive it unchanged (the kernels read each group's current ``lr`` at every step). Model-agnostic: it sees tensors
+and a closure returning a float loss, never transformers or peft.
 
 Every weight operation of a step is issued by ``_run_step``, which both ``step`` (losses from the closure) and
 ``replay_`` (losses from the log) call. Replay therefore repeats the same operations in the same order and lands on
@@ -9,19 +17,21 @@ the same bits, also in plain in-place mode where each perturbation pass rounds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from . import rng
-from .perturb import ParamSet, split_named
+from . import rng, seedlog
+from .param_groups import NoDecay, check_hyper, layout, no_decay
+from .optim_state import ReplayState, _Dir
+from .perturb import ParamSet
+from .virtual import VirtualPerturbation
 
-
-def no_decay(name: str, t: torch.Tensor) -> bool:
-    """The paper's rule: no weight decay on biases and normalization weights (1-d tensors)."""
-    low = name.lower()
-    return t.dim() <= 1 or "bias" in low or "norm" in low or "ln_" in low
+__all__ = ["MeZO", "StepResult", "replay", "no_decay"]
+_PERTURB = ("virtual", "inplace")
+_ROUNDING = ("nearest", "stochastic")
+_NO_FORWARDS = object()     # model= of an optimizer rebuilt by replay() without the model: it replays, not steps
 
 
 class StepResult(NamedTuple):
@@ -32,36 +42,41 @@ class StepResult(NamedTuple):
     skipped: bool        # True when no direction gave finite losses (weights unchanged)
 
 
-@dataclass
-class _Dir:
-    seed: int
-    g: float = 0.0
-    skip: str | None = None      # None, "plus" or "minus": where a non-finite loss stopped the direction
-
-
-class MeZO:
-    """Zeroth-order SGD (MeZO) over a set of tensors, shaped like ``torch.optim``.
+class MeZO(ReplayState, torch.optim.Optimizer):
+    """Zeroth-order SGD (MeZO) over a set of tensors.
 
     Args:
-        params: tensors or ``(name, tensor)`` pairs, all requiring grad (the trainable set), one device.
-        lr, eps: learning rate and perturbation scale. weight_decay: decoupled, not on biases/norms.
-        seed: base seed; step t, direction j uses ``splitmix64(seed + golden*(t*n + j + 1))``.
+        params: tensors or ``(name, tensor)`` pairs (fp32/fp16/bf16, contiguous, requiring grad), or torch-style
+            param groups (dicts with ``"params"`` and optional ``"lr"``, ``"weight_decay"``).
+        lr, eps: learning rate and perturbation scale. weight_decay: decoupled. With a flat ``params`` list and
+            ``weight_decay > 0`` the tensors are split into a decay group and a no-decay group (weight_decay 0).
+        no_decay: for that split: a collection of names, or ``f(name, tensor) -> bool``; default :func:`no_decay`.
+        seed: base seed; step t, direction j uses ``rng.seed_for(seed, t, j, n_directions)``.
         n_directions: directions per step, their updates averaged.
-        schedule: ``"constant"`` or ``"linear"`` (to 0 at ``total_steps``).
-        exact_restore: passed to ``ParamSet`` (default: fp32 masters for fp16/bf16 tensors).
-        bases: explicit global base index per tensor (default: running sum over ``params``). A tensor-parallel
-            shard passes the bases of the unsharded parameters (``distributed.sharded_params``) so that its z is
-            exactly the z of a single-process run.
+        schedule: ``"constant"`` or ``"linear"`` (to 0 at ``total_steps``), a factor on every group's ``lr``;
+            keep ``"constant"`` when a torch LR scheduler drives the groups.
+        exact_restore: fp32 masters for fp16/bf16 tensors (passed to ``ParamSet``). Default: in place, yes (so
+            restore is exact); virtual, no (restore needs none, the update rounds stochastically).
+        bases: explicit global base index per tensor, in the order of ``params`` (groups concatenated); default:
+            the running sum over that order. A tensor-parallel shard passes the bases of the unsharded parameters
+            (``distributed.sharded_params``) so that its z is exactly the z of a single-process run.
+        groups: how a flat ``params`` list splits into groups, as ``config()["groups"]`` records it (replay).
+        perturb: ``"virtual"`` or ``"inplace"`` (module docstring); default: virtual when ``model`` is given and
+            some trainable tensor is fp16/bf16, else in place.
+        model: the ``nn.Module`` owning the parameters, for ``perturb="virtual"`` (a ValueError without it).
+        distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the directions z.
+        rounding: of the update in fp16/bf16 without masters: ``"stochastic"`` (default for virtual; its bits come
+            from the step seed's own SR stream) or ``"nearest"`` (default in place).
     """
 
     def __init__(self, params: Iterable, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  backend: str = "auto", n_directions: int = 1, schedule: str = "constant",
                  total_steps: int | None = None, exact_restore: bool | None = None,
-                 bases: Sequence[int] | None = None):
-        names, tensors = split_named(params)
-        for v, what in ((lr, "lr"), (eps, "eps"), (weight_decay, "weight_decay")):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+                 bases: Sequence[int] | None = None, no_decay: NoDecay = None, groups: Sequence[dict] | None = None,
+                 perturb: str | None = None, model: torch.nn.Module | None = None, distribution: str = "gaussian",
+                 rounding: str | None = None):
+        lr, weight_decay = check_hyper(lr, "lr"), check_hyper(weight_decay, "weight_decay")
+        eps = check_hyper(eps, "eps")
         if eps == 0:
             raise ValueError("eps must be > 0")
         if not isinstance(n_directions, int) or n_directions < 1:
@@ -70,53 +85,121 @@ class MeZO:
             raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
         if schedule == "linear" and not (isinstance(total_steps, int) and total_steps > 0):
             raise ValueError("the linear schedule needs total_steps > 0")
-        self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
-        self.seed, self.n_directions = rng.check_seed(seed), n_directions
+        self.eps, self.seed, self.n_directions = eps, rng.check_seed(seed), n_directions
         self.schedule, self.total_steps = schedule, total_steps
+        self._exact, self._explicit_bases = exact_restore, bases is not None
+        lay = layout(params, lr, weight_decay, no_decay, groups)
+        names, tensors = lay.names, lay.tensors
+        self.perturb = _perturb_mode(perturb, model, tensors)
+        self.distribution = rng.distribution_code(distribution).label
+        if rounding is not None and rounding not in _ROUNDING:
+            raise ValueError(f"rounding must be one of {_ROUNDING} or None, got {rounding!r}")
+        self.rounding = rounding or ("stochastic" if self.perturb == "virtual" else "nearest")
+        set_exact = exact_restore if (exact_restore is not None or self.perturb == "inplace") else False
+        self._groups_cfg, self._no_decay_names = lay.groups_cfg, lay.no_decay_names
         if bases is None:
             bases = rng.default_bases(t.numel() for t in tensors)   # global over the whole set: grouping-invariant
         else:
             bases = list(bases)                                      # values are checked by ParamSet
             if len(bases) != len(tensors):
                 raise ValueError(f"bases has {len(bases)} entries for {len(tensors)} tensors")
-        split = [no_decay(n, t) for n, t in zip(names, tensors)] if weight_decay > 0 else [False] * len(tensors)
-        self._sets: list[tuple[ParamSet, bool]] = []
-        for exempt in (False, True):
-            idx = [i for i, s in enumerate(split) if s == exempt]
+        ptrs = [t.data_ptr() for t in tensors if t.numel()]
+        if len(set(ptrs)) != len(ptrs):
+            raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
+        self._bases = bases
+        self._sets: list[ParamSet | None] = []
+        torch_groups = []
+        for idx, g_lr, g_wd, extra in lay.groups:
+            ps = None
             if idx:
                 ps = ParamSet([(names[i], tensors[i]) for i in idx], bases=[bases[i] for i in idx],
-                              backend=backend, exact_restore=exact_restore, require_grad=True)
-                self._sets.append((ps, not exempt))
+                              backend=backend, exact_restore=set_exact, require_grad=True,
+                              distribution=self.distribution)
+            self._sets.append(ps)
+            torch_groups.append({**extra, "params": [tensors[i] for i in idx], "lr": g_lr, "weight_decay": g_wd,
+                                 "param_names": [names[i] for i in idx]})
+        self._flat = [i for idx, *_r in lay.groups for i in idx]      # position in group order -> flat index
+        self._building = True
+        super().__init__(torch_groups, {"lr": lr, "weight_decay": weight_decay})
+        self._building = False
         self.step_count = 0
         self.skipped_directions = 0
         self.zero_grad_steps = 0
         self.log: list[dict] = []
+        self._virtual = None
+        if self.perturb == "virtual" and model is not _NO_FORWARDS:
+            self._virtual = VirtualPerturbation(model, self.param_sets)
+        self._warned_unreached = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_building", False):
+            raise ValueError("MeZO fixes its tensors' perturbation layout (each tensor's z offset) at construction; "
+                             "build a new MeZO with every param group instead of add_param_group")
+        self.param_groups.append(param_group)
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
     def param_sets(self) -> list[ParamSet]:
-        return [ps for ps, _ in self._sets]
+        return [ps for ps in self._sets if ps is not None]
+
+    @property
+    def virtual(self) -> VirtualPerturbation | None:
+        """The hooks of ``perturb="virtual"`` (with their memory statistics), else None."""
+        return self._virtual
+
+    @property
+    def lr(self) -> float:
+        """The first group's current ``lr``."""
+        return self.param_groups[0]["lr"]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.defaults["weight_decay"]
 
     @property
     def version(self) -> int:
         """Changes whenever any weight is written (for caches keyed on the weights)."""
         return sum(ps.version for ps in self.param_sets)
 
-    def lr_at(self, step: int) -> float:
-        if self.schedule == "linear":
-            return self.lr * max(0.0, 1.0 - step / self.total_steps)
-        return self.lr
+    def _factor(self, step: int) -> float | None:
+        return max(0.0, 1.0 - step / self.total_steps) if self.schedule == "linear" else None
+
+    def lr_at(self, step: int, group: int = 0) -> float:
+        """The lr the kernels use at ``step`` for ``group``: its current ``lr`` (times the linear factor)."""
+        f, lr = self._factor(step), self.param_groups[group]["lr"]
+        return lr if f is None else lr * f
+
+    def _hyper(self, step: int) -> list[tuple[float, float]]:
+        return [(self.lr_at(step, k), float(g["weight_decay"])) for k, g in enumerate(self.param_groups)]
 
     def seed_for(self, step: int, j: int = 0) -> int:
         return rng.seed_for(self.seed, step, j, self.n_directions)
 
     def _perturb(self, seed: int, offset: float) -> None:
-        for ps, _ in self._sets:
+        for ps in self.param_sets:
             ps.perturb_(seed, offset)
 
     def _restore(self) -> None:
-        for ps, _ in self._sets:
+        for ps in self.param_sets:
             ps.restore_()
+
+    def _pass(self, seed: int, offset: float, closure: Callable | None, micro_batches: int) -> float:
+        """The loss at theta + offset*z(seed) (0.0 when replaying: ``closure`` None). In place, the weights stay
+        perturbed afterwards (the next pass or the fused update starts from there); virtual, nothing was written."""
+        if self.perturb == "inplace":
+            self._perturb(seed, offset)
+            return self._loss(closure, micro_batches) if closure is not None else 0.0
+        if closure is None:
+            return 0.0
+        with self._virtual.perturbed(seed, offset):
+            loss = self._loss(closure, micro_batches)
+        if self._virtual.unreached and not self._warned_unreached and math.isfinite(loss):
+            self._warned_unreached = True
+            warnings.warn(f"virtual perturbation: no module forward read {', '.join(self._virtual.unreached[:3])}"
+                          f"{' ...' if len(self._virtual.unreached) > 3 else ''} during the pass; a tensor read "
+                          "outside its own module's forward sees theta unperturbed (use perturb='inplace' there)",
+                          RuntimeWarning, stacklevel=4)
+        return loss
 
     @staticmethod
     def _loss(closure: Callable, micro_batches: int) -> float:
@@ -127,23 +210,21 @@ class MeZO:
         return total / micro_batches
 
     # ------------------------------------------------------------------------------------------- the step
-    def _run_step(self, step: int, lr: float, wd: float, seeds: Sequence[int], closure: Callable | None,
+    def _run_step(self, hyper: list[tuple[float, float]], seeds: Sequence[int], closure: Callable | None,
                   micro_batches: int, recorded: Sequence[_Dir] | None) -> tuple[list[_Dir], list, list]:
         dirs, lps, lms = [], [], []
         n = len(seeds)
         try:
             for j, s in enumerate(seeds):
                 d = _Dir(s)
-                self._perturb(s, +self.eps)
-                lp = self._loss(closure, micro_batches) if recorded is None else 0.0
+                lp = self._pass(s, +self.eps, closure if recorded is None else None, micro_batches)
                 if recorded is not None:
                     d.skip = recorded[j].skip
                 elif not math.isfinite(lp):
                     d.skip = "plus"
                 if d.skip == "plus":
                     self._restore(); dirs.append(d); continue
-                self._perturb(s, -self.eps)
-                lm = self._loss(closure, micro_batches) if recorded is None else 0.0
+                lm = self._pass(s, -self.eps, closure if recorded is None else None, micro_batches)
                 if recorded is None and not math.isfinite(lm):
                     d.skip = "minus"
                 if d.skip == "minus":
@@ -154,87 +235,99 @@ class MeZO:
                 if j < n - 1:
                     self._restore()
                 dirs.append(d)
-            self._commit(lr, wd, dirs)
+            self._commit(hyper, dirs)
         finally:
             self._restore()          # never leave the weights perturbed, whatever happened above
         return dirs, lps, lms
 
-    def _commit(self, lr: float, wd: float, dirs: list[_Dir]) -> None:
-        """Apply the averaged update; the still-perturbed last direction first, fused with its restore."""
+    def _commit(self, hyper: list[tuple[float, float]], dirs: list[_Dir]) -> None:
+        """Apply the averaged update; in place with nearest rounding, the still-perturbed last direction first,
+        fused with its restore; otherwise restore (a no-op when virtual), then one update pass per direction."""
         valid = [d for d in dirs if d.skip is None]
         if not valid:
             return
+        if self.perturb == "virtual" or self.rounding == "stochastic":
+            self._restore()
+            for i, d in enumerate(valid):
+                for ps, (lr, wd) in zip(self._sets, hyper):
+                    # theta*1 + 0*z is theta in every rounding: skipping the pass keeps the weights' versions
+                    # (and the caches keyed on them) for lr = 0 or g = 0
+                    if ps is not None and (lr * d.g != 0 or (lr * wd != 0 and i == 0)):
+                        ps.update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0, rounding=self.rounding)
+            return
         order = ([valid[-1]] + valid[:-1]) if dirs[-1].skip is None else valid
         for i, d in enumerate(order):
-            for ps, decays in self._sets:
-                # decay lr*wd once per step; the directions' steps are averaged (g / number of valid ones)
-                ps.restore_update_(d.seed, lr, d.g / len(valid), wd if (decays and i == 0) else 0.0)
+            for ps, (lr, wd) in zip(self._sets, hyper):
+                if ps is not None:   # decay lr*wd once per step; the directions' steps are averaged
+                    ps.restore_update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0)
 
     def step(self, closure: Callable, micro_batches: int = 1) -> StepResult:
         """One MeZO step. ``closure()`` (or ``closure(i)`` for micro-batch i when ``micro_batches > 1``) returns the
         loss at the current weights as a float or a tensor; every micro-batch sees the same z."""
         if not callable(closure):
-            raise TypeError("step() needs a closure that returns the loss")
+            raise TypeError("step() needs a closure that returns the loss (MeZO estimates the gradient from losses)")
+        if self.perturb == "virtual" and self._virtual is None:
+            raise ValueError("this optimizer was rebuilt for replay without model=: pass model= (the module that "
+                             "owns the parameters) to replay() to continue training with virtual perturbation")
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
-        t, lr = self.step_count, self.lr_at(self.step_count)
+        t, hyper = self.step_count, self._hyper(self.step_count)
         seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
-        dirs, lps, lms = self._run_step(t, lr, self.weight_decay, seeds, closure, micro_batches, None)
-        self._record(t, lr, dirs)
+        dirs, lps, lms = self._run_step(hyper, seeds, closure, micro_batches, None)
+        self._record(t, hyper, dirs)
         valid = [d for d in dirs if d.skip is None]
         g = sum(d.g for d in valid) / len(valid) if valid else 0.0
         self.zero_grad_steps += int(bool(valid) and all(d.g == 0.0 for d in valid))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         return StepResult(mean(lps), mean(lms), g, seeds[0], not valid)
 
-    def _record(self, t: int, lr: float, dirs: list[_Dir]) -> None:
+    def _record(self, t: int, hyper: list[tuple[float, float]], dirs: list[_Dir]) -> None:
+        wd = self.weight_decay
+        # one (lr, wd) stands for every group when all lrs agree and each group decays by wd or not at all
+        uniform = all(lr == hyper[0][0] and w in (0.0, wd) for lr, w in hyper)
+        head = {"lr": hyper[0][0], "wd": wd} if uniform else \
+            {"lr": hyper[0][0], "wd": hyper[0][1], "groups": [[lr, w] for lr, w in hyper]}
         for d in dirs:
-            rec = {"step": t, "seed": d.seed, "g": d.g, "lr": lr, "wd": self.weight_decay}
+            rec = {"step": t, "seed": d.seed, "g": d.g, **head}
             if d.skip:
                 rec["skip"] = d.skip
                 self.skipped_directions += 1
             self.log.append(rec)
         self.step_count = t + 1
 
-    # ------------------------------------------------------------------------------------------- replay, state
-    def replay_(self, log: Iterable[dict]) -> "MeZO":
-        """Apply logged steps to the current weights (which must be the weights the log started from)."""
-        by_step: dict[int, list[dict]] = {}
-        for rec in log:
-            by_step.setdefault(int(rec["step"]), []).append(rec)
-        for t in sorted(by_step):
-            recs = by_step[t]
-            dirs = [_Dir(int(r["seed"]), float(r["g"]), r.get("skip")) for r in recs]
-            self._run_step(t, float(recs[0]["lr"]), float(recs[0]["wd"]), [d.seed for d in dirs], None, 1, dirs)
-            self._record(t, float(recs[0]["lr"]), dirs)
-        return self
 
-    def config(self) -> dict:
-        return {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay, "seed": self.seed,
-                "n_directions": self.n_directions, "schedule": self.schedule,
-                "total_steps": self.total_steps if self.schedule == "linear" else None}   # only linear uses it
-
-    def state_dict(self) -> dict:
-        return {"config": self.config(), "step": self.step_count, "skipped_directions": self.skipped_directions,
-                "zero_grad_steps": self.zero_grad_steps, "log": list(self.log)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore counters and the log (the weights are the model's business: load or replay them)."""
-        cfg = state["config"]
-        for k in ("eps", "n_directions", "seed"):
-            if cfg[k] != getattr(self, k):
-                raise ValueError(f"state_dict was saved with {k}={cfg[k]!r}, this optimizer has {getattr(self, k)!r}")
-        self.lr, self.weight_decay = cfg["lr"], cfg["weight_decay"]
-        self.schedule, self.total_steps = cfg["schedule"], cfg["total_steps"]
-        self.step_count, self.log = int(state["step"]), list(state["log"])
-        self.skipped_directions, self.zero_grad_steps = state["skipped_directions"], state["zero_grad_steps"]
+def _perturb_mode(perturb: str | None, model, tensors: Sequence[torch.Tensor]) -> str:
+    """The perturbation mode: ``perturb`` checked, or the default (see ``MeZO``)."""
+    if perturb is None:
+        low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+        return "virtual" if model is not None and low else "inplace"
+    if perturb not in _PERTURB:
+        raise ValueError(f"perturb must be one of {_PERTURB} or None, got {perturb!r}")
+    if perturb == "virtual" and model is None:
+        raise ValueError("perturb='virtual' needs model=: the nn.Module that owns the parameters (its modules "
+                         "see the perturbed tensors during their forward); or use perturb='inplace'")
+    return perturb
 
 
-def replay(params: Iterable, log: Iterable[dict], config: dict, backend: str = "auto",
-           exact_restore: bool | None = None) -> MeZO:
-    """Rebuild trained weights in place from the initial ``params`` and a seed log (bit for bit on the same
-    backend and mode). ``config`` is ``MeZO.config()`` of the run that wrote the log. Returns the optimizer, ready
-    to continue training (resume)."""
-    opt = MeZO(params, backend=backend, exact_restore=exact_restore, **config)
-    return opt.replay_(log)
+def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
+           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
+    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
+    backend and mode.
 
+    ``log``: a ``seeds.jsonl`` path, ``(header, records)``, a ``MeZO.state_dict()``, or records with ``config``.
+    ``config``: ``MeZO.config()`` of the run; default: the one the log carries (a ValueError when both are there
+    and their modes differ: another distribution would replay other directions). ``model``: the module owning
+    ``params``, needed to continue training a virtual-perturbation run (replay itself runs no forward). Returns
+    the optimizer, ready to continue training (resume)."""
+    logged, records = seedlog.load(log)
+    if config is not None and logged is not None:
+        seedlog.check_modes(logged, config)
+    cfg = dict(config if config is not None else logged or {})
+    if not cfg:
+        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
+    if exact_restore is not None:
+        cfg["exact_restore"] = exact_restore
+    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
+    if model is None and cfg.get("perturb") == "virtual":
+        model = _NO_FORWARDS
+    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)

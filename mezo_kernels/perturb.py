@@ -1,4 +1,4 @@
-"""Public fused-perturbation API: ``ParamSet`` (checked once, tables cached) and ``fill_normal_``.
+"""Public fused-perturbation API: ``ParamSet`` (checked once, tables cached); ``fill_normal_``, ``fill_sign_``.
 
 A ``ParamSet`` holds an ordered list of tensors on one device. Tensor t gets the global base ``bases[t]`` (by
 default the spec's running sum, each base rounded up to a multiple of 4), so element i sees ``z[bases[t] + i]``
@@ -9,72 +9,33 @@ and makes one launch per group.
 Exact restore: fp16/bf16 groups keep an fp32 master copy by default. The visible weights are then always
 ``round(master + s*z)``, so +eps, -eps, restore brings back the same bits every time (plain in-place mode drifts:
 theta + eps*z - 2*eps*z + eps*z != theta after rounding).
+
+Directions come from one distribution per set (``distribution="gaussian" | "rademacher"``; the spec's streams).
+``perturbed_copy``/``perturbed_copies`` write theta + offset*z into other buffers without touching theta (kernel
+mode OUT); ``update_(..., rounding="stochastic")`` rounds low-precision updates stochastically (mode AXPBY_SR).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence
 
 import torch
-from torch.autograd.graph import increment_version
 
+from . import _compat
 from . import dispatch as _bk
 from . import rng
+from .perturb_copy import CopyMixin
+from .plan import TensorLike, _Group, check_tensor as _check_tensor, fill_normal_, fill_sign_, split_named
+from .rng import KernelMode
 
-TensorLike = Union[torch.Tensor, tuple]
+__all__ = ["ParamSet", "fill_normal_", "fill_sign_", "split_named"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ROUNDINGS = ("nearest", "stochastic")
+# the modes a set launches on its weights (perturb, restore, updates); OUT and AXPBY_SR are resolved when used
+_CORE_MODES = (KernelMode.AXPBY, KernelMode.MASTER_UPDATE, KernelMode.MASTER_VIEW)
 
 
-class _Group:
-    """Tensors of one dtype: the plan every backend reads (see ``dispatch.Group``)."""
-
-    def __init__(self, tensors: list[torch.Tensor], bases: list[int], masters: list[torch.Tensor] | None):
-        self.tensors, self.bases, self.masters = tensors, bases, masters
-        self.dtype, self.device = tensors[0].dtype, tensors[0].device
-        self.aligned = all(b % 4 == 0 for b in bases)   # every tensor starts on a Philox counter: fast path
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def tables(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``meta`` [4, T] int64 and ``chunks`` [C, 2] int64 on the group's device, built once per chunk size."""
-        if chunk not in self._tables:
-            numels = torch.tensor([t.numel() for t in self.tensors], dtype=torch.int64)
-            masters = self.masters or [None] * len(self.tensors)
-            meta = torch.tensor([[t.data_ptr() for t in self.tensors], numels.tolist(), self.bases,
-                                 [0 if m is None else m.data_ptr() for m in masters]], dtype=torch.int64)
-            counts = (numels + chunk - 1) // chunk
-            tid = torch.repeat_interleave(torch.arange(len(self.tensors)), counts)
-            first = torch.cumsum(counts, 0) - counts
-            start = (torch.arange(int(counts.sum())) - first[tid]) * chunk
-            chunks = torch.stack((tid, start), dim=1).contiguous()
-            self._tables[chunk] = (meta.to(self.device), chunks.to(self.device))
-        return self._tables[chunk]
-
-
-def split_named(params: Iterable[TensorLike]) -> tuple[list[str], list[torch.Tensor]]:
-    names, tensors = [], []
-    for i, p in enumerate(params):
-        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
-            name, p = p
-        else:
-            name = f"tensor[{i}]"
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or a (name, tensor) pair, got {type(p).__name__}")
-        names.append(name)
-        tensors.append(p)
-    if not tensors:
-        raise ValueError("empty parameter list: ParamSet needs at least one tensor")
-    return names, tensors
-
-
-def _check_tensor(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _bk.DTYPE_CODES:
-        raise TypeError(f"{name}: unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: tensor is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
-                         "pass .contiguous() storage: the kernels walk flat memory")
-
-
-class ParamSet:
+class ParamSet(CopyMixin):
     """An ordered set of tensors updated in place by the fused seeded kernels.
 
     Args:
@@ -84,10 +45,12 @@ class ParamSet:
         exact_restore: keep fp32 masters so restore is bit-exact. ``None`` (default): for fp16/bf16 groups only;
             ``True``: every group; ``False``: none (plain in-place arithmetic, which drifts).
         require_grad: raise if a tensor has ``requires_grad=False`` (for optimizers handed trainable params).
+        distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the z of every operation.
     """
 
     def __init__(self, params: Iterable[TensorLike], bases: Sequence[int] | None = None, backend: str = "auto",
-                 exact_restore: bool | None = None, require_grad: bool = False):
+                 exact_restore: bool | None = None, require_grad: bool = False, distribution: str = "gaussian"):
+        self._dist = rng.distribution_code(distribution)
         self.names, self._tensors = split_named(params)
         if bases is not None:
             bases = list(bases)
@@ -118,7 +81,9 @@ class ParamSet:
             raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
         self.device = tensors[0].device
         self.bases = self._explicit_bases or rng.default_bases(t.numel() for t in tensors)
-        self._backend = _bk.resolve(self._backend_arg, self.device)
+        self._backend = _bk.resolve(self._backend_arg, self.device, _CORE_MODES, self._dist)
+        self._mode_backends: dict[KernelMode, object] = {}
+        self._copy_plans: dict[int, _Group] = {}            # mode OUT: per tensor index, and per group (-1 - g)
         order: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             if t.numel():
@@ -129,6 +94,7 @@ class ParamSet:
             ts = [tensors[i].detach() for i in idx]
             masters = [t.float().clone() for t in ts] if exact else None
             self._groups.append(_Group(ts, [self.bases[i] for i in idx], masters))
+        self._group_index = list(order.values())             # tensor indices of each group, in group order
         self._ptrs = [t.data_ptr() for t in tensors]
 
     def _check_storage(self) -> None:
@@ -147,6 +113,11 @@ class ParamSet:
     @property
     def tensors(self) -> list[torch.Tensor]:
         return list(self._tensors)
+
+    @property
+    def distribution(self) -> str:
+        """``"gaussian"`` or ``"rademacher"``: the stream every operation of this set draws z from."""
+        return self._dist.label
 
     @property
     def numel(self) -> int:
@@ -170,17 +141,28 @@ class ParamSet:
         return [out.get(t.data_ptr()) for t in self._tensors]
 
     # ------------------------------------------------------------------------------------------- operations
-    def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float], master_mode: int) -> None:
-        """One launch per group: plain groups get AXPBY(alpha, beta); master groups ``master_mode`` with
-        (alpha, beta, gamma) -- the two differ because masters are never perturbed."""
+    def _backend_for(self, mode: KernelMode):
+        """The set's backend if it serves ``mode`` with the set's distribution, else (backend ``auto``) the first
+        that does; a named backend that does not is a ValueError saying why."""
+        if self._backend.unsupported(mode, self._dist) is None:
+            return self._backend
+        if mode not in self._mode_backends:
+            self._mode_backends[mode] = _bk.resolve(self._backend_arg, self.device, (mode,), self._dist)
+        return self._mode_backends[mode]
+
+    def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float],
+             master_mode: KernelMode, stochastic: bool = False) -> None:
+        """One launch per group: plain groups get AXPBY(alpha, beta) (AXPBY_SR for fp16/bf16 when ``stochastic``);
+        master groups ``master_mode`` with (alpha, beta, gamma) -- they differ because masters are never perturbed."""
         for g in self._groups:
             if g.masters:
-                self._backend.launch(g, seed, *master, master_mode)
+                self._backend.launch(g, seed, *master, master_mode, self._dist)
             else:
-                self._backend.launch(g, seed, plain[0], plain[1], 0.0, _bk.AXPBY)
+                mode = KernelMode.AXPBY_SR if stochastic and g.dtype in _LOW_PRECISION else KernelMode.AXPBY
+                self._backend_for(mode).launch(g, seed, plain[0], plain[1], 0.0, mode, self._dist)
             # the kernels write through raw pointers, which PyTorch cannot see: bump each tensor's version
             # counter as an in-place op would, so version-keyed caches (the forward engine's) never go stale
-            increment_version(g.tensors)
+            _compat.bump_version(g.tensors)
             self.launches += 1
         self.version += 1
 
@@ -195,7 +177,7 @@ class ParamSet:
         if self._active is not None:
             raise RuntimeError(f"axpby_ while perturbed by seed {self._active[0]}: restore_() first")
         ab = (float(alpha), float(beta))
-        self._run(seed, ab, (*ab, 0.0), _bk.MASTER_UPDATE)
+        self._run(seed, ab, (*ab, 0.0), KernelMode.MASTER_UPDATE)
         return self
 
     def perturb_(self, seed: int, offset: float) -> "ParamSet":
@@ -206,7 +188,7 @@ class ParamSet:
             if self._active[0] != seed:
                 raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}: restore_() first")
             cur = self._active[1]
-        self._run(seed, (1.0, float(offset) - cur), (1.0, 0.0, float(offset)), _bk.MASTER_VIEW)
+        self._run(seed, (1.0, float(offset) - cur), (1.0, 0.0, float(offset)), KernelMode.MASTER_VIEW)
         self._active = (seed, float(offset))
         return self
 
@@ -215,7 +197,7 @@ class ParamSet:
         if self._active is not None:
             seed, cur = self._active
             self._check_storage()
-            self._run(seed, (1.0, -cur), (1.0, 0.0, 0.0), _bk.MASTER_VIEW)
+            self._run(seed, (1.0, -cur), (1.0, 0.0, 0.0), KernelMode.MASTER_VIEW)
             self._active = None
         return self
 
@@ -229,8 +211,28 @@ class ParamSet:
             cur = self._active[1]
         alpha = 1.0 - float(lr) * float(weight_decay)
         step = -float(lr) * float(grad)
-        self._run(seed, (alpha, -alpha * cur + step), (alpha, step, 0.0), _bk.MASTER_UPDATE)
+        self._run(seed, (alpha, -alpha * cur + step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE)
         self._active = None
+        return self
+
+    def update_(self, seed: int, lr: float, grad: float, weight_decay: float = 0.0,
+                rounding: str = "nearest") -> "ParamSet":
+        """theta <- (1 - lr*wd)*theta - lr*grad*z(seed), in place, one pass; refused while perturbed.
+
+        ``rounding="stochastic"``: fp16/bf16 groups without masters round each element stochastically with bits of
+        the SR stream of ``seed`` (``rng.stochastic_round``), so updates below half a spacing survive in
+        expectation; fp32 groups round as usual, groups with masters update the master and view it."""
+        if not isinstance(rounding, str):
+            raise TypeError(f"rounding must be a str ({' or '.join(_ROUNDINGS)}), got {type(rounding).__name__}")
+        if rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(map(repr, _ROUNDINGS))}, got {rounding!r}")
+        seed = self._prepare(seed)
+        if self._active is not None:
+            raise RuntimeError(f"update_ while perturbed by seed {self._active[0]}: restore_() first "
+                               "(or use restore_update_)")
+        alpha = 1.0 - float(lr) * float(weight_decay)
+        step = -float(lr) * float(grad)
+        self._run(seed, (alpha, step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE, rounding == "stochastic")
         return self
 
     @contextlib.contextmanager
@@ -251,21 +253,5 @@ class ParamSet:
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g.dtype}x{len(g.tensors)}{'+master' if g.masters else ''}" for g in self._groups)
-        return f"ParamSet({len(self._tensors)} tensors, {self.numel} elements, {groups}, backend={self.backend})"
-
-
-def fill_normal_(t: torch.Tensor, seed: int, base: int = 0, backend: str = "auto") -> torch.Tensor:
-    """Write ``t[i] = z(seed, base + i)`` (flat order), rounded once to t's dtype. Returns ``t``.
-
-    ``t``: contiguous float32/float16/bfloat16 tensor on any device; ``base``: int >= 0."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fill_normal_ expects a torch.Tensor, got {type(t).__name__}")
-    _check_tensor("fill_normal_ target", t)
-    seed = rng.check_seed(seed)
-    if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base < 2**62:
-        raise ValueError(f"base must be an int in [0, 2**62), got {base!r}")
-    if t.numel() == 0:
-        return t
-    g = _Group([t.detach()], [base], None)
-    _bk.resolve(backend, t.device).launch(g, seed, 0.0, 1.0, 0.0, _bk.FILL)
-    return t
+        return (f"ParamSet({len(self._tensors)} tensors, {self.numel} elements, {groups}, backend={self.backend}, "
+                f"distribution={self.distribution})")

@@ -1,18 +1,44 @@
 """The replay log on disk: ``seeds.jsonl``.
 
-Line 1 is a header ``{"mezo_seed_log": 1, "config": MeZO.config(), ...extra}``; every further line is one direction
-of one step: ``{"step", "seed", "g", "lr", "wd"[, "skip"]}``. Lines are appended and flushed as training goes, so a
-killed run keeps every step it finished; a partly written last line (the kill) is dropped on reading, any other
-malformed line is an error naming its line number.
+Line 1 is a header ``{"mezo_seed_log": 1, "config": MeZO.config(), "perturb", "distribution", "rounding",
+...extra}`` (the three modes spelled out, :func:`modes`); every further line is one direction
+of one step: ``{"step", "seed", "g", "lr", "wd"[, "skip"][, "groups"]}`` (``groups``: ``[[lr, wd], ...]`` per param
+group, written only when one ``lr``/``wd`` pair cannot stand for them all). Lines are appended and flushed as
+training goes, so a killed run keeps every step it finished; a partly written last line (the kill) is dropped on
+reading, any other malformed line is an error naming its line number.
+
+A config leaves out the modes that are at their defaults (so logs written before the modes existed still match):
+``perturb`` ``"inplace"``, ``distribution`` ``"gaussian"``, ``rounding`` ``"nearest"`` in place and
+``"stochastic"`` for virtual perturbation. :func:`check_modes` refuses to replay a log under other modes.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 FORMAT = 1
 _KEYS = ("step", "seed", "g", "lr", "wd")
+_OPTIONAL = ("skip", "groups")
+_MODE_KEYS = ("perturb", "distribution", "rounding")
+
+
+def modes(config: dict) -> dict:
+    """``{"perturb", "distribution", "rounding"}`` of a ``MeZO.config()``, the defaults filled in."""
+    perturb = config.get("perturb", "inplace")
+    return {"perturb": perturb, "distribution": config.get("distribution", "gaussian"),
+            "rounding": config.get("rounding", "stochastic" if perturb == "virtual" else "nearest")}
+
+
+def check_modes(logged: dict, config: dict, what: str = "the log") -> None:
+    """ValueError unless the configs ``logged`` (what a log was made with) and ``config`` (what would replay it)
+    agree on the modes: another distribution draws other directions entirely, and another perturbation or
+    rounding mode rounds differently, so the replay would not land on the logged run's bits."""
+    a, b = modes(logged), modes(config)
+    for k in _MODE_KEYS:
+        if a[k] != b[k]:
+            raise ValueError(f"{what} was made with {k}={a[k]!r}, this optimizer uses {k}={b[k]!r}: a replay under "
+                             f"another {k} would not reproduce the run; build it with {k}={a[k]!r}")
 
 
 class SeedLogWriter:
@@ -26,7 +52,7 @@ class SeedLogWriter:
                 raise ValueError(f"{path}: logged config {head['config']} differs from this run's {config}")
             self._rewrite(head, records)   # drops a torn last line so appends start on a clean line
         else:
-            self._rewrite({"mezo_seed_log": FORMAT, "config": config, **(extra or {})}, [])
+            self._rewrite({"mezo_seed_log": FORMAT, "config": config, **modes(config), **(extra or {})}, [])
         self._f = open(path, "a")
 
     def _rewrite(self, head: dict, records: list[dict]) -> None:
@@ -45,7 +71,7 @@ class SeedLogWriter:
 
 
 def _line(rec: dict) -> str:
-    return json.dumps({k: rec[k] for k in (*_KEYS, "skip") if k in rec}, separators=(",", ":")) + "\n"
+    return json.dumps({k: rec[k] for k in (*_KEYS, *_OPTIONAL) if k in rec}, separators=(",", ":")) + "\n"
 
 
 def read_log(path: str) -> tuple[dict, list[dict]]:
@@ -75,3 +101,25 @@ def read_log(path: str) -> tuple[dict, list[dict]]:
             raise ValueError(f"{path}:{i}: malformed seed-log record ({e})") from None
         records.append(rec)
     return head, records
+
+
+def load(log) -> tuple[dict | None, list[dict]]:
+    """``(config or None, records)`` from any form of a replay log: a ``seeds.jsonl`` path, ``(header, records)``
+    (header: a seed-log header or a config), a ``MeZO.state_dict()``, or bare records (no config)."""
+    if isinstance(log, (str, os.PathLike)):
+        head, records = read_log(os.fspath(log))
+        return head["config"], records
+    if isinstance(log, dict):
+        if "log" not in log or "config" not in log:
+            raise ValueError("a dict log must be a MeZO.state_dict() (with 'config' and 'log')")
+        return log["config"], list(log["log"])
+    if isinstance(log, tuple) and len(log) == 2 and isinstance(log[0], dict):
+        head, records = log
+        return (head["config"] if "config" in head else head), list(records)
+    if isinstance(log, Sequence) or hasattr(log, "__iter__"):
+        records = list(log)
+        if not all(isinstance(r, dict) and all(k in r for k in _KEYS) for r in records):
+            raise ValueError(f"log records must be dicts with {_KEYS}")
+        return None, records
+    raise TypeError(f"log must be a seeds.jsonl path, (header, records), a MeZO state_dict or records, "
+                    f"got {type(log).__name__}")

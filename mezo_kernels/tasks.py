@@ -12,18 +12,44 @@ Templates are ``str.format`` strings with the slots ``{text_a}``, ``{text_b}`` a
 without a ``{mask}`` slot is rejected. Causal templates must not have text slots after ``{mask}``: text after the
 slot is dropped for causal scoring (SST-2's trailing ``" ."``), so a template such as RTE's
 ``"{text_a} ? {mask} , {text_b}"`` needs a separate ``causal_template`` (the MeZO OPT template is used for RTE).
+A masked-LM ``template`` may also be written in LM-BFF's template language (``*cls**sent_0*_It_was*mask*.*sep+*``,
+see lmbff.py); it is then tokenized part by part exactly as LM-BFF does, and needs a ``causal_template``. The
+built-in SST-2 and RTE tasks use LM-BFF's templates for masked LMs and MeZO's ``large_models/templates.py`` prompts
+for causal LMs.
+
+The registry ``TASKS`` holds the built-in tasks, written as task specs; :func:`get_task` also reads a spec file
+(JSON/YAML, see taskspec.py), so any dataset with a template and a verbalizer is a task.
 """
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .data import Example, canonical_task_name
+from . import lmbff
 
-__all__ = ["Task", "get_task", "TASKS", "CausalPrompt"]
+if TYPE_CHECKING:                      # data.py reads files with the task's columns, so it imports this module
+    from .data import Example
+
+__all__ = ["Task", "Columns", "TaskFieldError", "get_task", "task_names", "TASKS", "CausalPrompt",
+           "canonical_task_name", "SPLIT_FILES", "OBJECTIVES"]
 
 _SLOTS = {"text_a", "text_b", "mask"}
+SPLIT_FILES = ("train", "dev")         # the data files of a task folder: <split>.tsv
+OBJECTIVES = ("ce", "neg_accuracy", "neg_f1")   # the reductions metrics.Reduction knows
+
+
+class TaskFieldError(ValueError):
+    """A task record or spec with a bad field: ``where`` (the task or the spec file), ``field`` and ``why``."""
+
+    def __init__(self, where: str, field_name: str, why: str) -> None:
+        super().__init__(f"{where}: field {field_name!r}: {why}")
+        self.where, self.field, self.why = where, field_name, why
+
+
+def canonical_task_name(name: str) -> str:
+    """``"SST-2"``, ``"sst_2"`` -> ``"sst2"``."""
+    return name.lower().replace("-", "").replace("_", "")
 
 
 def _slots(template: str) -> list[str]:
@@ -38,12 +64,23 @@ def _slots(template: str) -> list[str]:
     return names
 
 
-def _check_template(template: str, what: str) -> None:
-    names = _slots(template)
+def _template_problem(template: str) -> str | None:
+    """Why ``template`` is not a usable template, or None."""
+    if lmbff.is_lmbff(template):                 # LM-BFF's own template language (masked LMs)
+        try:
+            lmbff.parse(template)
+        except ValueError as e:
+            return str(e)
+        return None
+    try:
+        names = _slots(template)
+    except ValueError as e:
+        return str(e)
     if names.count("mask") != 1:
-        raise ValueError(f"{what} {template!r} must contain exactly one {{mask}} slot (found {names.count('mask')})")
+        return f"must contain exactly one {{mask}} slot (found {names.count('mask')} in {template!r})"
     if "text_a" not in names:
-        raise ValueError(f"{what} {template!r} has no {{text_a}} slot")
+        return f"has no {{text_a}} slot: {template!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,16 +92,33 @@ class CausalPrompt:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Header names of the columns one data file is read from: ``text_a``, ``text_b`` (None for a
+    single-sentence task) and ``label``; other columns of the file are ignored."""
+
+    text_a: str
+    text_b: str | None = None
+    label: str = "label"
+
+
+@dataclass(frozen=True)
 class Task:
-    """A prompt-based classification task.
+    """A prompt-based classification task: everything the package knows about it, in one record.
 
     Attributes:
         name: canonical task name (``"sst2"``, ``"rte"``).
-        label_words: verbalizer ``{label: word}``; labels must be ``0..C-1``. Words are given without leading
-            space; the objective adds the tokenizer's word-boundary convention (BPE ``"Ġgreat"``).
+        label_words: verbalizer ``{label: word}``; labels must be ``0..C-1`` (C, the class count, is its size).
+            Words are given without leading space; the objective adds the tokenizer's word-boundary convention.
         template: masked-LM template with ``{text_a}``, optional ``{text_b}``, and one ``{mask}``.
         causal_template: template for causal LMs; ``None`` means ``template`` cut at the ``{mask}`` slot.
         num_text_fields: 1 for single-sentence tasks, 2 for sentence-pair tasks.
+        columns: ``{split: Columns}`` for the data files ``<split>.tsv`` (``SPLIT_FILES``); empty for a task
+            without data files (built in code and fed examples directly).
+        label_names: label values a data file may hold instead of the integer (``{"entailment": 0}``).
+        objective: the training objective the task suggests (one of ``OBJECTIVES``), or None (the caller's).
+        description: one line for humans.
+
+    A bad field raises :class:`TaskFieldError` (a ValueError) naming it.
     """
 
     name: str
@@ -72,22 +126,84 @@ class Task:
     template: str
     causal_template: str | None = None
     num_text_fields: int = 1
+    columns: Mapping[str, Columns] = field(default_factory=dict, compare=False)
+    label_names: Mapping[str, int] = field(default_factory=dict, compare=False)
+    objective: str | None = field(default=None, compare=False)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        def bad(fld: str, why: str) -> TaskFieldError:
+            return TaskFieldError(f"task {self.name!r}", fld, why)
+
         if sorted(self.label_words) != list(range(len(self.label_words))) or len(self.label_words) < 2:
-            raise ValueError(f"task {self.name!r}: labels must be 0..C-1 with C >= 2, got {sorted(self.label_words)}")
+            raise bad("label_words", f"labels must be 0..C-1 with C >= 2, got {sorted(self.label_words)}")
         for lab, word in self.label_words.items():
-            if not word or word != word.strip():
-                raise ValueError(f"task {self.name!r}: label word {word!r} for label {lab} must be non-empty "
-                                 "and have no surrounding whitespace")
-        _check_template(self.template, f"task {self.name!r}: template")
+            if not isinstance(word, str) or not word or word != word.strip():
+                raise bad("label_words", f"label word {word!r} for label {lab} must be a non-empty string with "
+                                         "no surrounding whitespace")
+        if self.num_text_fields not in (1, 2):
+            raise bad("num_text_fields", f"must be 1 or 2, got {self.num_text_fields!r}")
+        for fld in ("template", "causal_template"):
+            t = getattr(self, fld)
+            why = None if t is None else _template_problem(t)
+            if why:
+                raise bad(fld, why)
         ct = self.causal_template if self.causal_template is not None else self.template
-        _check_template(ct, f"task {self.name!r}: causal template")
-        tail = ct.split("{mask}", 1)[1]
-        if any(n in ("text_a", "text_b") for n in _slots(tail)):
-            raise ValueError(f"task {self.name!r}: causal template {ct!r} has text slots after {{mask}}; "
-                             "causal scoring drops everything after the slot, pass a causal_template ending in {mask}")
+        if lmbff.is_lmbff(ct):
+            raise bad("causal_template", f"{ct!r} is an LM-BFF (masked-LM) template; causal LMs need a "
+                                         "causal_template with {text_a}/{text_b} slots ending in {mask}")
+        if any(n in ("text_a", "text_b") for n in _slots(ct.split("{mask}", 1)[1])):
+            raise bad("causal_template" if self.causal_template is not None else "template",
+                      f"{ct!r} has text slots after {{mask}}; causal scoring drops everything after the slot, "
+                      "give a causal_template ending in {mask}")
+        for split, cols in self.columns.items():
+            if split not in SPLIT_FILES or not isinstance(cols, Columns):
+                raise bad("columns", f"must map splits {SPLIT_FILES} to Columns, got {split!r}: {cols!r}")
+            if (cols.text_b is not None) != (self.num_text_fields == 2):
+                raise bad("columns", f"columns[{split!r}].text_b is {cols.text_b!r} but num_text_fields is "
+                                     f"{self.num_text_fields}")
+        for text, lab in self.label_names.items():
+            if lab not in self.label_words:
+                raise bad("label_names", f"label_names[{text!r}] = {lab!r} is not a label")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise bad("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], where: str | None = None) -> "Task":
+        """A task from plain data (parsed JSON or YAML, or a Python dict): the task spec format of
+        :mod:`~mezo_kernels.taskspec` (``verbalizer`` from label values to words, or ``label_words`` keyed
+        ``0..C-1``; one ``columns`` mapping; ``objective``). ``where`` names the source in errors (a file).
+        Raises :class:`TaskFieldError` naming the field that is missing, unknown or malformed."""
+        from .taskspec import task_from_dict
+        return task_from_dict(spec, where)
+
+    def label_of(self, value: Any) -> int | None:
+        """The class (``0..C-1``) of a label value read from a data file, or None when it is not one.
+
+        A value is looked up among ``label_names`` first (as text: ``1`` and ``"1"`` are the same); an integer
+        ``0..C-1`` is also the class itself, unless the label names are integers themselves (a verbalizer
+        ``{1: ..., 2: ..., 3: ...}``), which would make a bare integer ambiguous."""
+        if isinstance(value, bool) or value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        text = value.strip() if isinstance(value, str) else str(value)
+        if text in self.label_names:
+            return self.label_names[text]
+        if any(_is_int(n) for n in self.label_names):
+            return None
+        try:
+            c = int(text)
+        except ValueError:
+            return None
+        return c if 0 <= c < self.num_classes else None
+
+    def columns_for(self, split: str) -> Columns:
+        """The columns of data file ``<split>.tsv``; ValueError when the task has none for it."""
+        if split not in self.columns:
+            raise ValueError(f"task {self.name!r} has no data columns for split {split!r} "
+                             f"(it has {sorted(self.columns) or 'none'})")
+        return self.columns[split]
 
     @property
     def num_classes(self) -> int:
@@ -105,12 +221,18 @@ class Task:
         return {"text_a": ex.text_a, "text_b": ex.text_b if ex.text_b is not None else ""}
 
     def format_masked(self, ex: Example, mask_token: str) -> str:
-        """The masked-LM input text with ``mask_token`` in the slot (e.g. ``"... It was <mask> ."``)."""
+        """The masked-LM input text with ``mask_token`` in the slot (e.g. ``"... It was <mask> ."``); for an
+        LM-BFF template, a readable rendering (its ids come from ``lmbff.encode``, part by part)."""
+        if lmbff.is_lmbff(self.template):
+            f = self._fields(ex)
+            return lmbff.render(lmbff.parse(self.template), [f["text_a"], f["text_b"]], mask_token)
         return self.template.format(mask=mask_token, **self._fields(ex))
 
     def mask_has_leading_space(self) -> bool:
         """Whether the masked template puts whitespace right before ``{mask}`` (so the label word is a
-        word-initial token, ``"Ġgreat"`` for byte-level BPE)."""
+        word-initial token, ``"Ġgreat"`` for byte-level BPE). LM-BFF templates: always (LM-BFF's rule)."""
+        if lmbff.is_lmbff(self.template):
+            return True
         head = self.template.split("{mask}", 1)[0]
         return head == "" or head[-1].isspace()
 
@@ -133,29 +255,46 @@ class Task:
         return CausalPrompt(prompt, tuple(sep + w for w in self.words))
 
 
-TASKS: dict[str, Task] = {
-    "sst2": Task(
-        name="sst2",
-        label_words={0: "terrible", 1: "great"},
-        template="{text_a} It was {mask} .",
-        causal_template="{text_a} It was {mask}",
-        description="GLUE SST-2 sentiment, LM-BFF template '<S> It was <mask> .'",
-    ),
-    "rte": Task(
-        name="rte",
-        label_words={0: "Yes", 1: "No"},  # 0 = entailment
-        template="{text_a} ? {mask} , {text_b}",
-        causal_template='{text_a}\nDoes this mean that "{text_b}" is true? Yes or No?\n{mask}',
-        num_text_fields=2,
-        description="GLUE RTE entailment, LM-BFF template '<premise> ? <mask> , <hypothesis>'; causal: MeZO's OPT "
-                    "template",
-    ),
-}
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+# The built-in tasks are task specs like any user's (taskspec.py reads both).
+TASKS: dict[str, Task] = {t.name: t for t in map(Task.from_dict, [
+    {"name": "sst2",
+     "verbalizer": {0: "terrible", 1: "great"},
+     "template": "*cls**sent_0*_It_was*mask*.*sep+*",
+     "causal_template": "{text_a} It was {mask}",
+     "columns": {"text_a": "sentence", "label": "label"},
+     "description": "GLUE SST-2 sentiment; masked: LM-BFF's template '<S> It was<mask>.'; causal: MeZO's OPT "
+                    "template"},
+    {"name": "rte",
+     "verbalizer": {"entailment": "Yes", "not_entailment": "No"},   # classes 0, 1 (files may hold 0 / 1)
+     "template": "*cls**sent-_0*?*mask*,*+sentl_1**sep+*",
+     "causal_template": '{text_a}\nDoes this mean that "{text_b}" is true? Yes or No?\n{mask}',
+     "columns": {"text_a": "sentence1", "text_b": "sentence2", "label": "label"},
+     "description": "GLUE RTE entailment; masked: LM-BFF's template '<premise minus its last character>?<mask>, "
+                    "<hypothesis, first letter lower-cased>'; causal: MeZO's OPT template"},
+])}
+
+
+def task_names() -> list[str]:
+    """The registered task names, sorted (the CLI's ``--task`` choices besides spec files)."""
+    return sorted(TASKS)
 
 
 def get_task(name: str) -> Task:
-    """The built-in task called ``name`` (case, ``-`` and ``_`` ignored); ValueError listing the known ones."""
-    key = canonical_task_name(name)
-    if key not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[key]
+    """The registered task called ``name`` (case, ``-`` and ``_`` ignored), or the task spec in the file ``name``
+    (``.json``, ``.yaml``, ``.yml``; see taskspec.py). ValueError listing the known tasks for anything else."""
+    key = canonical_task_name(str(name))
+    if key in TASKS:
+        return TASKS[key]
+    from .taskspec import is_spec_path, load_task_spec
+    if is_spec_path(name):
+        return load_task_spec(name)
+    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}, or a task spec file "
+                     "(.json, .yaml)")

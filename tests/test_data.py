@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mezo_kernels.data import Example, load_splits, read_glue_tsv, resolve_data_dir
+from mezo_kernels.data import Example, load_splits, read_glue_tsv, resolve_data_dir, subsample
+from mezo_kernels.tasks import TASKS, Columns, Task, get_task, task_names
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("MEZO_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -119,3 +120,67 @@ def test_real_data():
     r = load_splits("rte", REAL_DATA, "opt", seed=0)
     assert (len(r.train), len(r.dev), len(r.test)) == (1000, 500, 277)
     assert all(e.text_b for e in r.train)
+
+
+def test_a_task_record_from_a_plain_dict_drives_reading(tmp_path, monkeypatch):
+    """A task spec as parsed JSON: string label keys, one column set for every split file, label names; the
+    reader uses exactly its columns and labels."""
+    spec = {"name": "toy", "label_words": {"0": "bad", "1": "good"}, "template": "{text_a} It was {mask} .",
+            "columns": {"text_a": "review", "label": "stars"}, "label_names": {"neg": 0, "pos": 1},
+            "description": "a test task"}
+    toy = Task.from_dict(spec)
+    assert toy.num_classes == 2 and toy.words == ["bad", "good"] and toy.num_text_fields == 1
+    assert toy.columns_for("dev") == Columns("review", None, "stars")
+    monkeypatch.setitem(TASKS, "toy", toy)
+    p = write(tmp_path / "toy.tsv", ["stars\tid\treview", "pos\t7\tfine", "0\t8\tawful"])
+    assert read_glue_tsv(p, "toy") == [Example("fine", None, 1), Example("awful", None, 0)]
+    with pytest.raises(ValueError, match=r"bad\.tsv:2: bad label 'entailment'"):
+        read_glue_tsv(write(tmp_path / "bad.tsv", ["stars\treview", "entailment\tx"]), "toy")
+    pair = Task.from_dict({**spec, "name": "pair", "template": "{text_a} ? {mask} , {text_b}",
+                           "causal_template": "{text_a} {text_b} {mask}",
+                           "columns": {"train": {"text_a": "p", "text_b": "h"}, "dev": {"text_a": "a", "text_b": "b"}}})
+    assert pair.num_text_fields == 2 and pair.columns_for("dev") == Columns("a", "b", "label")
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"labels": {}}, "labels"),                                       # unknown field
+    ({"template": None}, "template"),
+    ({"label_words": ["bad", "good"]}, "label_words"),
+    ({"label_words": {"x": "bad", "1": "good"}}, "label_words"),
+    ({"columns": {"text_a": "review", "stars": "label"}}, "columns"),
+    ({"columns": {"train": {"label": "y"}}}, "columns.train"),
+    ({"columns": {"text_a": 3}}, "columns.text_a"),
+    ({"num_text_fields": "1"}, "num_text_fields"),
+    ({"label_names": {"pos": "1"}}, "label_names"),
+    ({"label_names": {"pos": 5}}, "label_names"),
+])
+def test_a_malformed_task_spec_names_its_field(change, field):
+    spec = {"name": "toy", "label_words": {"0": "bad", "1": "good"}, "template": "{text_a} It was {mask} .",
+            "columns": {"text_a": "review"}}
+    with pytest.raises(ValueError, match=rf"task spec 'toy'.*{field}"):
+        Task.from_dict({**spec, **change})
+    for missing, fld in (("name", "name"), ("label_words", "verbalizer"), ("template", "template")):
+        with pytest.raises(ValueError, match=f"field '{fld}': missing"):
+            Task.from_dict({k: v for k, v in spec.items() if k != missing})
+
+
+def test_one_registry_serves_reading_prompts_and_the_cli(capsys, monkeypatch):
+    from mezo_kernels.cli import main
+    assert task_names() == sorted(TASKS) == ["rte", "sst2"]
+    monkeypatch.setitem(TASKS, "toy", Task("toy", {0: "a", 1: "b"}, "{text_a} {mask}"))
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "cola"])
+    assert "choose from rte, sst2, toy" in capsys.readouterr().err.replace("'", "")
+    assert get_task("SST-2").columns_for("train") == Columns("sentence", None, "label")
+    assert get_task("rte").label_names == {"entailment": 0, "not_entailment": 1}
+    with pytest.raises(ValueError, match="no data columns for split 'test'"):
+        get_task("rte").columns_for("test")
+    assert Task("bare", {0: "a", 1: "b"}, "{text_a} {mask}").columns == {}     # a task without data files
+
+
+def test_subsample():
+    ex = [Example(str(i), None, i % 2) for i in range(10)]
+    assert subsample(ex, 0, 1) == ex and subsample(ex, 20, 1) == ex
+    got = subsample(ex, 4, 1)
+    assert len(got) == 4 and len(set(got)) == 4 and set(got) <= set(ex)
+    assert got == subsample(ex, 4, 1) and got != subsample(ex, 4, 2)

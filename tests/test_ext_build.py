@@ -1,15 +1,18 @@
 """The native extensions themselves: CUDA sources compile, Philox known answers, randn4x accuracy, bit-exact
 fp16/bf16 rounding, and argument validation. Reference: shared/docs/rng_spec.md and mezo_kernels/rng.py."""
 import glob
+import multiprocessing
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from mezo_kernels import rng
 
+M, D = rng.KernelMode, rng.DTypeCode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,9 +124,9 @@ def _plan(C, tensors, bases, masters=None):
     return meta, chunks
 
 
-def _launch(C, meta, chunks, dtype, mode, seed, a=1.0, b=0.0, g=0.0):
-    C.axpby(meta.data_ptr(), meta.shape[1], chunks.data_ptr(), chunks.shape[0], C.chunk_size(), dtype, mode, seed,
-            a, b, g)
+def _launch(C, meta, chunks, dtype, mode, seed, a=1.0, b=0.0, g=0.0, dist=rng.Distribution.GAUSSIAN):
+    C.axpby(meta.data_ptr(), meta.shape[1], chunks.data_ptr(), chunks.shape[0], C.chunk_size(), dtype, mode, dist,
+            seed, a, b, g)
 
 
 def test_fill_is_randn4x_at_any_base_and_thread_count(C):
@@ -136,7 +139,7 @@ def test_fill_is_randn4x_at_any_base_and_thread_count(C):
             C.set_num_threads(nt)
             ts = [torch.full((n,), float("nan")) for n in sizes]
             meta, chunks = _plan(C, ts, bases)
-            _launch(C, meta, chunks, 0, 3, 1234)
+            _launch(C, meta, chunks, D.FLOAT32, M.FILL, 1234)
             outs.append(ts)
     finally:
         C.set_num_threads(nthreads)
@@ -148,13 +151,41 @@ def test_fill_is_randn4x_at_any_base_and_thread_count(C):
         assert torch.equal(t1, z[base & 3: (base & 3) + n])
 
 
-@pytest.mark.parametrize("dtype,code", [(torch.float16, 1), (torch.bfloat16, 2)])
-def test_half_conversions_round_like_torch(C, dtype, code):
+def _fill(n: int, seed: int) -> torch.Tensor:
+    # torch.empty, not zeros: torch's own OpenMP fill of a large tensor hangs in a forked child
+    C = pytest.importorskip("mezo_kernels._C")
+    x = torch.empty(n)
+    meta, chunks = _plan(C, [x], [1])
+    _launch(C, meta, chunks, D.FLOAT32, M.FILL, seed)
+    return x
+
+
+def _fill_bytes(n: int, seed: int) -> bytes:
+    return _fill(n, seed).numpy().tobytes()
+
+
+def test_thread_pool_concurrent_callers_and_fork(C):
+    """Launches large enough for the thread pool, from four Python threads at once (one job at a time uses the
+    pool, the others run on their own thread) and from a forked child (which has none of the parent's workers),
+    give the bits of lone launches."""
+    n = 6 * C.chunk_size() + 3
+    want = [_fill(n, s) for s in range(8)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda s: _fill(n, s), range(8)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(_fill_bytes, (n, 3)).get(timeout=120)
+    assert child == want[3].numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_round_like_torch(C, dtype):
+    code = rng.DTYPE_CODES[dtype]
     # every 16-bit pattern survives load -> fma(z, 0, 1 * x) -> store (NaNs stay NaN, -0 may become +0)
     allbits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).clone()
     x = allbits.clone()
     meta, chunks = _plan(C, [x], [0])
-    _launch(C, meta, chunks, code, 0, 3, a=1.0, b=0.0)
+    _launch(C, meta, chunks, code, M.AXPBY, 3, a=1.0, b=0.0)
     nan = torch.isnan(allbits)
     assert torch.equal(torch.isnan(x), nan)
     assert torch.equal(x[~nan].float(), allbits[~nan].float())
@@ -166,7 +197,7 @@ def test_half_conversions_round_like_torch(C, dtype, code):
                                                       3.0e38, float("inf"), -float("inf"), 0.0])])
     d = torch.empty(m.numel(), dtype=dtype)
     meta, chunks = _plan(C, [d], [0], [m])
-    _launch(C, meta, chunks, code, 2, 3, g=0.0)
+    _launch(C, meta, chunks, code, M.MASTER_VIEW, 3, g=0.0)
     assert torch.equal(d.view(torch.int16), m.to(dtype).view(torch.int16))
 
 
@@ -175,10 +206,11 @@ def test_argument_validation(C):
     x, m = torch.zeros(10), torch.zeros(10)
     meta, chunks = _plan(C, [x], [0], [m])
     p, cp, cs = meta.data_ptr(), chunks.data_ptr(), C.chunk_size()
-    ok = dict(meta_ptr=p, num_tensors=1, chunks_ptr=cp, num_chunks=1, chunk_size=cs, dtype=0, mode=0, seed=1,
-              alpha=1.0, beta=0.0, gamma=0.0)
+    ok = dict(meta_ptr=p, num_tensors=1, chunks_ptr=cp, num_chunks=1, chunk_size=cs, dtype=D.FLOAT32, mode=M.AXPBY,
+              dist=rng.Distribution.GAUSSIAN, seed=1, alpha=1.0, beta=0.0, gamma=0.0)
     C.axpby(**ok)
-    bad = [({"dtype": 3}, "dtype"), ({"dtype": -1}, "dtype"), ({"mode": 4}, "mode"), ({"mode": -1}, "mode"),
+    bad = [({"dtype": len(D)}, "dtype"), ({"dtype": -1}, "dtype"), ({"mode": len(M)}, "mode"), ({"mode": -1}, "mode"),
+           ({"dist": len(rng.Distribution)}, "dist"), ({"dist": -1}, "dist"),
            ({"num_tensors": 0}, "num_tensors"), ({"chunk_size": cs + 2}, "chunk_size"),
            ({"chunk_size": 0}, "chunk_size"), ({"meta_ptr": 0}, "meta_ptr"), ({"seed": 2**64}, "seed"),
            ({"seed": -(2**63) - 1}, "seed"), ({"num_chunks": -1}, "num_chunks")]
@@ -187,7 +219,7 @@ def test_argument_validation(C):
             C.axpby(**{**ok, **kw})
     meta_nomaster, _ = _plan(C, [x], [0])
     with pytest.raises(ValueError, match="master"):
-        C.axpby(**{**ok, "meta_ptr": meta_nomaster.data_ptr(), "mode": 1})
+        C.axpby(**{**ok, "meta_ptr": meta_nomaster.data_ptr(), "mode": M.MASTER_UPDATE})
     for row, word in [(torch.tensor([[1, 0]]), "tensor index"), (torch.tensor([[0, 12]]), "start"),
                       (torch.tensor([[0, 2]]), "start")]:
         with pytest.raises(ValueError, match=word):
@@ -199,6 +231,6 @@ def test_argument_validation(C):
         C.philox_words(0, -1, 1, out.data_ptr())
     with pytest.raises(ValueError, match="null"):
         C.randn4x(0, 0, 1, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n must be >= 1"):
         C.set_num_threads(0)
     assert isinstance(C.build_info(), str) and C.chunk_size() % 4 == 0 and C.num_threads() >= 1

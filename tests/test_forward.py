@@ -5,7 +5,6 @@ import random
 import pytest
 import torch
 
-import mezo_kernels as mk
 from mezo_kernels import models
 from mezo_kernels.forward import ForwardEngine, attend, merge, plan_prefixes, sdpa_kernels_used
 from mezo_kernels.forward.attention import reference
@@ -231,6 +230,21 @@ def test_engine_bad_input(tiny):
         eng.logits_at(tiny, ids, holey, torch.tensor([0]), torch.tensor([0]))
 
 
+# the fused SDPA kernels of each device (aten op names); the math fallback is none of them
+_FUSED_SDPA = {"cpu": {"aten._scaled_dot_product_flash_attention_for_cpu.default"},
+               "cuda": {"aten._scaled_dot_product_flash_attention.default",
+                        "aten._scaled_dot_product_efficient_attention.default",
+                        "aten._scaled_dot_product_cudnn_attention.default"}}
+
+
+def _expected_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """What the reuse forward should run: CPU flash for every dtype; on CUDA FlashAttention for fp16/bf16 and the
+    memory-efficient kernel for fp32 (FlashAttention has no fp32)."""
+    if device.type == "cpu":
+        return "cpu-flash"
+    return "cuda-flash" if dtype in (torch.float16, torch.bfloat16) else "cuda-efficient"
+
+
 def test_reports_the_attention_kernel(tiny):
     rows = _rows(2)
     ids, mask = _batch(rows)
@@ -238,11 +252,53 @@ def test_reports_the_attention_kernel(tiny):
     with torch.no_grad():
         plain.logits_at(tiny, ids, mask, *_requests(rows, mask))
         reuse.logits_at(tiny, ids, mask, *_requests(rows, mask))
-    dev = "cpu" if not torch.cuda.is_available() else "cuda"
-    assert any("scaled_dot_product" in k and dev in k.lower() or "flash" in k for k in plain.stats.kernels)
-    assert reuse.stats.kernels == {"cpu-flash"}
+    p = next(tiny.parameters())
+    assert plain.stats.kernels and plain.stats.kernels <= _FUSED_SDPA[p.device.type]
+    assert reuse.stats.kernels == {_expected_kernel(p.device, p.dtype)}
+    assert reuse.stats.attention_fallback is None and reuse.stats.as_dict()["attention_fallback"] is None
     _, seen = sdpa_kernels_used(lambda: tiny(input_ids=ids, attention_mask=mask))
-    assert seen and all("math" not in s for s in seen)
+    assert seen and set(seen) <= _FUSED_SDPA[p.device.type]
+
+
+def test_attention_fallback_is_warned_and_reported(tiny, monkeypatch):
+    """A kernel that refuses its input (as the CUDA memory-efficient one does for some alignments) is replaced
+    by the reference: the result is the same, a RuntimeWarning says so once, and the stats name the kernel that
+    ran and why. Simulated on any device by steering the kernel choice to one that refuses."""
+    from mezo_kernels import _compat
+    from mezo_kernels.forward import attention
+
+    def refuse(kernel, *args, **kwargs):
+        raise RuntimeError("kernel refused: misaligned bias")
+
+    monkeypatch.setattr(attention, "kernel_for", lambda device, dtype: "cuda-efficient")
+    monkeypatch.setattr(_compat, "attention_with_lse", refuse)
+    monkeypatch.setattr(attention, "_warned", set())
+    rows = _rows(2)
+    ids, mask = _batch(rows)
+    eng = ForwardEngine()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="cuda-efficient refused") as caught:
+            got = eng.logits_at(tiny, ids, mask, *_requests(rows, mask))
+        ref = ForwardEngine.plain().logits_at(tiny, ids, mask, *_requests(rows, mask))
+    assert sum("fell back" in str(w.message) for w in caught) == 1       # once, though every layer fell back
+    assert eng.stats.kernels == {"math"}
+    assert "misaligned bias" in eng.stats.as_dict()["attention_fallback"]
+    torch.testing.assert_close(got, ref, atol=ATOL_F32, rtol=1e-5)
+
+
+def test_attention_version_break_is_not_swallowed(monkeypatch):
+    """A result of the wrong shape from aten (an upgrade changed it) raises, even where refusals fall back."""
+    from mezo_kernels import _compat
+    from mezo_kernels.forward import attention
+
+    def changed(kernel, q, k, v, **kwargs):
+        raise _compat.CompatError("cuda-efficient: returned [(1,)]")
+
+    monkeypatch.setattr(attention, "kernel_for", lambda device, dtype: "cuda-efficient")
+    monkeypatch.setattr(_compat, "attention_with_lse", changed)
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(_compat.CompatError, match="returned"):
+        attend(q, q, q, causal=True, scale=0.3)
 
 
 def test_unsupported_model_falls_back_to_plain():

@@ -46,7 +46,9 @@ def test_no_stale_reuse_after_any_weight_write(write, first_layer):
     params = models.trainable_parameters(model)
     with torch.no_grad():
         if write == "paramset":        # our kernels write through raw pointers; ParamSet bumps the versions
-            mk.ParamSet([p for _, p in params], backend="cpu" if mk.backends().get("cpu") else "auto").perturb_(7, 0.5)
+            # the model lives on the CPU: use the C++ CPU kernel when it is built (None = no reason it cannot run)
+            backend = "cpu" if mk.backends("cpu")["cpu"] is None else "auto"
+            mk.ParamSet([p for _, p in params], backend=backend).perturb_(7, 0.5)
         elif write == "inplace":
             params[0][1].add_(0.5)
         elif write == "replace":
@@ -159,7 +161,7 @@ def test_objective_shares_a_common_prompt_prefix():
     task = tasks.get_task("sst2")
     eng = ForwardEngine()
     with torch.no_grad():
-        plain = objectives.CausalLMObjective(model, tok, task, engine=ForwardEngine.plain())(batch)
-        reuse = objectives.CausalLMObjective(model, tok, task, engine=eng)(batch)
+        plain = objectives.CausalLMObjective(tok, task, engine=ForwardEngine.plain())(model, batch)
+        reuse = objectives.CausalLMObjective(tok, task, engine=eng)(model, batch)
     assert eng.stats.saved_fraction > 0.3
     torch.testing.assert_close(reuse.logits, plain.logits, atol=ATOL_F32, rtol=1e-5)

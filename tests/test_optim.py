@@ -1,4 +1,5 @@
 """MeZO optimizer: convergence, unbiasedness, replay/resume bit-exactness, safety, bad input."""
+import copy
 import math
 
 import pytest
@@ -166,3 +167,147 @@ def test_bad_inputs():
         opt.step(lambda: 1.0, micro_batches=0)
     with pytest.raises(ValueError, match="eps"):
         MeZO([p], lr=0.1, eps=0.5).load_state_dict(opt.state_dict())
+
+
+# ----------------------------------------------------------------------------------------- torch.optim integration
+def _pair(dtype=torch.float32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [("layer.weight", torch.nn.Parameter(torch.randn(6, 5, generator=g).to(dtype))),
+            ("layer.bias", torch.nn.Parameter(torch.randn(5, generator=g).to(dtype)))]
+
+
+def _quad(named):
+    return lambda: float(sum(((p.detach().float() - 0.5) ** 2).sum() for _, p in named))
+
+
+def test_top_level_api_and_a_real_torch_optimizer():
+    from mezo_kernels import MeZO as M, ParamSet, backends, fill_normal_, replay as r  # noqa: F401
+    assert M is MeZO and r is replay and issubclass(MeZO, torch.optim.Optimizer)
+    opt = MeZO(_pair(), lr=0.1, weight_decay=0.1)
+    assert [g["param_names"] for g in opt.param_groups] == [["layer.weight"], ["layer.bias"]]
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_param_groups_carry_their_own_lr_and_weight_decay_and_replay():
+    (nw, w), (nb, b) = _pair()
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt = MeZO([{"params": [w], "lr": 0.1, "weight_decay": 0.5}, {"params": [b], "lr": 0.0}], lr=1.0,
+               exact_restore=True)
+    opt.step(lambda: 2.0)                              # constant loss: g = 0, only decay acts
+    assert torch.allclose(w.detach(), w0 * 0.95) and torch.equal(b.detach(), b0)
+    assert opt.log[-1]["groups"] == [[0.1, 0.5], [0.0, 0.0]]
+    for _ in range(5):
+        opt.step(_quad([(nw, w), (nb, b)]))
+    assert torch.equal(b.detach(), b0)                  # lr 0 for the bias group, whatever g was
+    cfg = opt.config()
+    assert cfg["groups"] == [{"size": 1, "lr": 0.1, "weight_decay": 0.5}, {"size": 1, "lr": 0.0, "weight_decay": 0.0}]
+    fresh = _pair()                                     # a flat list: the config's groups split it the same way
+    replay(fresh, opt.state_dict())
+    assert torch.equal(fresh[0][1], w) and torch.equal(fresh[1][1], b)
+
+
+@pytest.mark.parametrize("make", [lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (t + 1)),
+                                  lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6)])
+def test_torch_lr_schedulers_drive_the_lr_the_kernels_use(make):
+    named = _pair()
+    opt = MeZO(named, lr=0.2, weight_decay=0.1)
+    sched = make(opt)
+    seen = []
+    for _ in range(6):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step(_quad(named))
+        sched.step()
+    assert [r["lr"] for r in opt.log] == [s[0] for s in seen] and len({tuple(s) for s in seen}) > 1
+    fresh = _pair()
+    replay(fresh, opt.log, opt.config())                # the logged lrs are the ones the kernels applied
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fresh, named))
+
+
+def test_no_decay_split_follows_hf_names():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = MeZO(model.named_parameters(), lr=0.1, weight_decay=0.1)
+    hf = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert set(opt.param_groups[0]["param_names"]) == hf
+    assert set(opt.param_groups[1]["param_names"]) == {n for n, _ in model.named_parameters()} - hf
+    explicit = MeZO(model.named_parameters(), lr=0.1, weight_decay=0.1, no_decay=["lm_head.weight"])
+    assert explicit.param_groups[1]["param_names"] == ["lm_head.weight"]
+    assert explicit.config()["no_decay"] == ["lm_head.weight"]
+    by_fn = MeZO(model.named_parameters(), lr=0.1, weight_decay=0.1, no_decay=lambda n, t: "mlp" in n)
+    assert all("mlp" in n for n in by_fn.param_groups[1]["param_names"])
+
+
+def test_state_dict_resumes_bit_exactly_without_replay(tmp_path):
+    named = _pair(torch.bfloat16)
+    opt = MeZO(named, lr=1e-2, eps=1e-2, weight_decay=0.1, seed=4)
+    for _ in range(5):
+        opt.step(_quad(named))
+    opt.param_groups[0]["lr"] = 5e-3                   # as a scheduler would
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    visible = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]   # what a checkpoint holds
+    opt2 = MeZO(visible, lr=1e-2, eps=1e-2, weight_decay=0.1, seed=4)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert opt2.param_groups[0]["lr"] == 5e-3 and opt2.step_count == 5
+    for _ in range(5):
+        opt.step(_quad(named)); opt2.step(_quad(visible))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named, visible)) and opt2.log == opt.log
+    with pytest.raises(ValueError, match="not a MeZO state_dict"):
+        opt2.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_replay_from_the_log_alone(tmp_path):
+    from mezo_kernels.seedlog import SeedLogWriter
+    named = _pair(torch.float32)
+    opt = MeZO(named, lr=1e-2, eps=1e-2, weight_decay=0.1, seed=9, n_directions=2, exact_restore=False)
+    for _ in range(6):
+        opt.step(_quad(named))
+    path = str(tmp_path / "seeds.jsonl")
+    w = SeedLogWriter(path, opt.config()); w.append(opt.log); w.close()
+    header = {"mezo_seed_log": 1, "config": opt.config()}
+    for log in (path, (header, opt.log), opt.state_dict()):
+        fresh = _pair(torch.float32)
+        rep = replay(fresh, log)                        # exact_restore=False comes from the config
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fresh, named)) and rep.step_count == 6
+    with pytest.raises(ValueError, match="carries no config"):
+        replay(_pair(), opt.log)
+    with pytest.raises(ValueError, match="describe 3 tensors"):
+        MeZO(_pair(), lr=0.1, groups=[{"size": 3, "lr": 0.1, "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match="param groups"):
+        MeZO([{"params": [named[0][1]]}], lr=0.1, no_decay=["x"])
+
+
+def test_modes_in_config_only_when_not_the_defaults_and_the_default_perturbation():
+    w16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    w32 = torch.nn.Linear(3, 2)
+    assert "perturb" not in MeZO(list(w32.parameters()), lr=0.1).config()            # as logs always were
+    assert MeZO(list(w32.parameters()), lr=0.1, model=w32).perturb == "inplace"      # fp32: in place
+    virt = MeZO(list(w16.parameters()), lr=0.1, model=w16)                            # fp16/bf16 + model: virtual
+    assert virt.perturb == "virtual" and virt.rounding == "stochastic" and not virt.param_sets[0].exact_restore
+    assert virt.config()["perturb"] == "virtual" and "rounding" not in virt.config()
+    assert MeZO(list(w16.parameters()), lr=0.1).perturb == "inplace"                 # no model: in place
+    cfg = MeZO(list(w32.parameters()), lr=0.1, distribution="rademacher", rounding="stochastic").config()
+    assert (cfg["distribution"], cfg["rounding"]) == ("rademacher", "stochastic")
+    with pytest.raises(ValueError, match="rounding must be"):
+        MeZO(list(w32.parameters()), lr=0.1, rounding="down")
+    with pytest.raises(ValueError, match="distribution"):
+        MeZO(list(w32.parameters()), lr=0.1, distribution="uniform")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_with_stochastic_rounding_replays_bit_exactly(dtype):
+    def run(w, steps):
+        x = torch.linspace(-1, 1, 12).view(4, 3).to(dtype)
+        opt = MeZO(list(w.parameters()), lr=0.05, eps=1e-2, seed=3, rounding="stochastic", exact_restore=False)
+        with torch.no_grad():
+            for _ in range(steps):
+                opt.step(lambda: float(w(x).float().square().mean()))
+        return opt
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2).to(dtype)
+    b = copy.deepcopy(a)
+    opt = run(a, 5)
+    replay(list(b.parameters()), opt.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

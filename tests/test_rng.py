@@ -65,10 +65,10 @@ def test_large_seeds_and_counters_beyond_2_32():
 
 @pytest.mark.parametrize("base,n", [(0, 1), (1, 3), (3, 17), (5, 4097), (2**33 + 2, 9)])
 def test_normal_windows_are_slices_of_one_stream(base, n):
-    whole = rng.normal_f64(11, 0, 0) if base > 10**6 else rng.normal_f64(11, 0, base + n)
     part = rng.normal_f64(11, base, n)
-    if base <= 10**6:
-        assert torch.equal(part, whole[base:])
+    start = 0 if base <= 10**6 else base - 5      # far bases: a wider window that starts on another lane
+    wider = rng.normal_f64(11, start, base - start + n + 3)
+    assert torch.equal(part, wider[base - start:base - start + n])
     assert torch.equal(rng.normal(11, base, n), part.float())
 
 
@@ -98,3 +98,20 @@ def test_fma_update_rounds_once_in_fp32():
     got = rng.fma_update(x, z, 0.75, 1e-3)
     exact = (x.double() * 0.75).float().double() + z.double() * torch.tensor(1e-3).float().double()
     assert torch.equal(got, exact.float())
+
+
+# ------------------------------------------------------------------------------------------- signs, SR stream
+def test_sign_known_answers_from_the_table_words():
+    # seed 42, k 0: w0 = 9ceaf053; bits 0..7 of 0x53 are 1,1,0,0,1,0,1,0 -> z = 1 - 2b
+    assert rng.signs(42, 0, 8).tolist() == [-1, -1, 1, 1, -1, 1, -1, 1]
+    # seed 0, k 1 (g = 128 ..): w0 = f8e4cca4, bit 0 = 0, bit 2 = 1
+    assert rng.signs(0, 128, 3).tolist() == [1, 1, -1]
+
+
+def test_sr_stream_known_answers():
+    """Pinned values of the stochastic-rounding stream (docs/kernel_abi.md): other backends test against these."""
+    assert rng.sr_seed(0) == 0xB80732780EAEA367 and rng.sr_seed(42) == 0x51F67B0884410340
+    assert rng.sr_bits(0, 0, 8).tolist() == [0x2F34, 0x4CE8, 0x2EC5, 0x4C2D, 0x9D24, 0x8A7A, 0x187F, 0x54F3]
+    assert rng.sr_bits(42, 13, 3).tolist() == [0x7149, 0x15CB, 0x3D03]
+    w = rng.words_table(rng.sr_seed(0), [0])[0]              # the same, read off the words: r[g] = halves of w
+    assert [(w[g >> 1] >> (16 * (g & 1))) & 0xFFFF for g in range(8)] == rng.sr_bits(0, 0, 8).tolist()

@@ -50,3 +50,40 @@ def test_resume_refuses_a_different_config(tmp_path):
     SeedLogWriter(p, CFG).close()
     with pytest.raises(ValueError, match="differs"):
         SeedLogWriter(p, {**CFG, "lr": 2e-3}, resume=True)
+
+
+def test_group_records_round_trip_and_every_log_form_loads(tmp_path):
+    from mezo_kernels.seedlog import load
+    p = str(tmp_path / "s.jsonl")
+    rec = {**RECS[0], "groups": [[1e-3, 0.1], [5e-4, 0.0]]}
+    w = SeedLogWriter(p, CFG); w.append([rec]); w.close()
+    assert read_log(p)[1] == [rec]
+    assert load(p) == (CFG, [rec])
+    assert load(({"mezo_seed_log": 1, "config": CFG}, [rec])) == (CFG, [rec])
+    assert load((CFG, [rec])) == (CFG, [rec])
+    assert load({"config": CFG, "log": [rec], "step": 1}) == (CFG, [rec])
+    assert load(iter(RECS)) == (None, RECS)
+    with pytest.raises(ValueError, match="state_dict"):
+        load({"log": []})
+    with pytest.raises(ValueError, match="records must be dicts"):
+        load([{"step": 0}])
+    with pytest.raises(TypeError, match="seeds.jsonl path"):
+        load(3)
+
+
+def test_header_spells_out_the_modes_and_old_configs_read_as_in_place(tmp_path):
+    from mezo_kernels.seedlog import modes
+    p = str(tmp_path / "s.jsonl")
+    SeedLogWriter(p, {**CFG, "perturb": "virtual", "distribution": "rademacher"}).close()
+    head, _ = read_log(p)
+    assert (head["perturb"], head["distribution"], head["rounding"]) == ("virtual", "rademacher", "stochastic")
+    assert modes(CFG) == {"perturb": "inplace", "distribution": "gaussian", "rounding": "nearest"}
+
+
+def test_check_modes_names_the_differing_mode():
+    from mezo_kernels.seedlog import check_modes
+    check_modes(CFG, {**CFG, "distribution": "gaussian"})           # the default spelled out: same modes
+    with pytest.raises(ValueError, match="distribution='rademacher'.*distribution='gaussian'"):
+        check_modes({**CFG, "distribution": "rademacher"}, CFG)
+    with pytest.raises(ValueError, match="rounding='nearest'"):
+        check_modes({**CFG, "perturb": "virtual", "rounding": "nearest"}, {**CFG, "perturb": "virtual"})

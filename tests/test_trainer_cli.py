@@ -101,3 +101,25 @@ def test_bad_invocations_exit_2_with_a_message(data_dir, tmp_path, capsys, monke
     assert main(["train", "--model", "tiny-llama", "--data-dir", str(bad), "--output-dir", str(tmp_path),
                  "--no-progress"]) == 2
     assert "train.tsv:3" in capsys.readouterr().err
+
+
+def test_only_rank_zero_writes_or_prints(data_dir, tmp_path, capsys):
+    """The run context decides what a rank does: rank 1 of 2 trains and evaluates but writes and prints nothing.
+    Without a process group its loss exchange reduces locally, so it ends where a single process does."""
+    from mezo_kernels.distributed import DistInfo
+    from mezo_kernels.run import Run
+    from mezo_kernels.trainer import TrainConfig, _train
+
+    def cfg(out):
+        return TrainConfig(model="tiny-llama", data_dir=data_dir, output_dir=str(out), k=8, batch_size=4, steps=3,
+                           eval_every=2, lr=5e-3)
+    single = _train(cfg(tmp_path / "r0"), Run(cfg(tmp_path / "r0"), DistInfo(0, 1, 0, None), progress=False))
+    capsys.readouterr()
+    other = _train(cfg(tmp_path / "r1"), Run(cfg(tmp_path / "r1"), DistInfo(1, 2, 1, None), progress=False))
+    assert not (tmp_path / "r1").exists() and capsys.readouterr().out == ""
+    assert (tmp_path / "r0" / "summary.json").exists() and "distributed" not in single
+    assert other["after"] == single["after"] and other["before"] == single["before"]
+    assert other["distributed"]["world_size"] == 2 and other["distributed"]["steps_timed"] == 3
+    assert other["distributed"]["bytes_out_per_step"] == 0            # nothing left this process
+    with pytest.raises(ValueError, match="evenly"):
+        Run(TrainConfig(batch_size=5, output_dir=str(tmp_path / "r2")), DistInfo(1, 2, 1, None))

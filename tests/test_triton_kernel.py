@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend is untestable here")
 
-from mezo_kernels import rng  # noqa: E402
+from mezo_kernels import rng, rng_bits  # noqa: E402
 from mezo_kernels.triton import CHUNK, available, launch  # noqa: E402
 from mezo_kernels.triton import philox as P  # noqa: E402
 
@@ -31,7 +31,12 @@ def _pick_device():
 DEV, _WHY = _pick_device()
 pytestmark = pytest.mark.skipif(DEV is None, reason=f"triton backend unusable here: {_WHY}")
 
-AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL = 0, 1, 2, 3
+MODES = list(rng.KernelMode)
+AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL = (rng.KernelMode.AXPBY, rng.KernelMode.MASTER_UPDATE,
+                                           rng.KernelMode.MASTER_VIEW, rng.KernelMode.FILL)
+OUT, AXPBY_SR = rng.KernelMode.OUT, rng.KernelMode.AXPBY_SR
+GAUSSIAN, SIGN = rng.Distribution.GAUSSIAN, rng.Distribution.SIGN
+READS_D = (AXPBY, AXPBY_SR)             # the modes that read the destination
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIZES = (1, 3, 17, 4097, 2 * CHUNK + 5)
 GUARD = 67
@@ -68,11 +73,12 @@ def plan(tensors, bases, masters=None):
     return meta, chunks
 
 
-def run(tensors, bases, dtype, mode, seed=SEED, masters=None, aligned=None):
+def run(tensors, bases, dtype, mode, seed=SEED, masters=None, aligned=None, dist=GAUSSIAN):
+    """One launch; ``masters`` fills meta[3] (fp32 masters, or mode OUT's sources)."""
     meta, chunks = plan(tensors, bases, masters)
     if aligned is None:
         aligned = all(b % 4 == 0 for b in bases)
-    launch(meta, chunks, len(tensors), chunks.shape[0], dtype, mode, seed, ALPHA, BETA, GAMMA, aligned)
+    launch(meta, chunks, len(tensors), chunks.shape[0], dtype, mode, seed, ALPHA, BETA, GAMMA, aligned, dist=dist)
     if DEV.type == "cuda":
         torch.cuda.synchronize()
 
@@ -139,7 +145,7 @@ def test_seed_words_are_int32():
         assert -(2**31) <= lo < 2**31 and -(2**31) <= hi < 2**31
         s = rng.check_seed(seed)
         assert (lo & 0xFFFFFFFF, hi & 0xFFFFFFFF) == (s & 0xFFFFFFFF, s >> 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seed"):
         P.seed_words(2**64)
 
 
@@ -175,35 +181,108 @@ def test_randn4x_equals_tl_randn4x(seed):
 
 
 # ------------------------------------------------------------------------------------------- the update
-@pytest.mark.parametrize("mode", [AXPBY, MASTER_UPDATE, MASTER_VIEW, FILL])
+def reference(mode, dtype, init, minit, z, base, dist=GAUSSIAN):
+    """(d, m) the spec gives for one tensor: ``init`` the destination's (or OUT's source's) values, ``minit`` the
+    master's; ``m`` is None for the modes without a master."""
+    if mode == FILL:
+        return z.to(dtype), None
+    if mode in (AXPBY, OUT):
+        return rng.fma_update(init, z, ALPHA, BETA).to(dtype), None
+    if mode == AXPBY_SR:
+        return rng.stochastic_round(rng.fma_update(init, z, ALPHA, BETA), dtype, SEED, base), None
+    assert mode in (MASTER_UPDATE, MASTER_VIEW), f"no reference for mode {mode.name}"
+    mref = rng.fma_update(minit, z, ALPHA, BETA) if mode == MASTER_UPDATE else minit
+    return rng.fma_update(mref, z, 1.0, GAMMA).to(dtype), mref
+
+
+def run_guarded(mode, dtype, sizes, bases, dist, seed_gen, aligned=None):
+    """Launch ``mode`` on NaN-guarded buffers; returns (outputs, row-3 buffers or None, inits, minits)."""
+    gen = torch.Generator().manual_seed(seed_gen)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    minit = [torch.randn(n, generator=gen) for n in sizes]
+    # d is read only by AXPBY / AXPBY_SR; for the other modes it stays NaN poison, which must never leak.
+    d = [guarded(n, dtype, init[i].to(DEV) if mode in READS_D else None) for i, n in enumerate(sizes)]
+    if mode.uses_master:
+        m = [guarded(n, torch.float32, minit[i].to(DEV)) for i, n in enumerate(sizes)]
+    elif mode.uses_source:
+        m = [guarded(n, dtype, init[i].to(DEV)) for i, n in enumerate(sizes)]
+    else:
+        m = None
+    before = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
+    run([v for _, v in d], bases, dtype, mode, masters=[v for _, v in m] if m else None, aligned=aligned, dist=dist)
+    after = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "guard memory was written"
+    if mode.uses_source:
+        assert all(torch.equal(v.cpu(), x) for (_, v), x in zip(m, init)), "mode OUT wrote its source"
+    return [v.cpu() for _, v in d], ([v.cpu() for _, v in m] if m else None), init, minit
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_modes_multi_tensor_guarded(dtype, mode):
     """All sizes in one launch (default, aligned bases); NaN guards around every buffer must keep their bits."""
-    gen = torch.Generator().manual_seed(mode * 10 + DTYPES.index(dtype))
     bases = rng.default_bases(SIZES)
-    init = [torch.randn(n, generator=gen).to(dtype) for n in SIZES]
-    minit = [torch.randn(n, generator=gen) for n in SIZES]
-    # d is read only by AXPBY; for the other modes it stays NaN poison, which must never leak into the result.
-    d = [guarded(n, dtype, init[i].to(DEV) if mode == AXPBY else None) for i, n in enumerate(SIZES)]
-    m = [guarded(n, torch.float32, minit[i].to(DEV)) for i, n in enumerate(SIZES)] if mode in (1, 2) else None
-    before = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
-    run([v for _, v in d], bases, dtype, mode, masters=[v for _, v in m] if m else None)
-    after = [guard_bits(b) for b, _ in d] + ([guard_bits(b) for b, _ in m] if m else [])
-    assert all(torch.equal(x, y) for x, y in zip(before, after)), "guard memory was written"
+    outs, ms, init, minit = run_guarded(mode, dtype, SIZES, bases, GAUSSIAN, mode * 10 + DTYPES.index(dtype))
     for i, (n, base) in enumerate(zip(SIZES, bases)):
-        z = rng.normal(SEED, base, n)
-        if mode == FILL:
-            ref = z
-        elif mode == AXPBY:
-            ref = rng.fma_update(init[i], z, ALPHA, BETA)
-        else:
-            mref = rng.fma_update(minit[i], z, ALPHA, BETA) if mode == MASTER_UPDATE else minit[i]
-            ref = rng.fma_update(mref, z, 1.0, GAMMA)
-            if mode == MASTER_UPDATE:
-                torch.testing.assert_close(m[i][1].cpu(), mref, rtol=1e-6, atol=1e-6)
+        ref, mref = reference(mode, dtype, init[i], minit[i], rng.normal(SEED, base, n), base)
+        if mode == MASTER_UPDATE:
+            torch.testing.assert_close(ms[i], mref, rtol=1e-6, atol=1e-6)
+        elif mode == MASTER_VIEW:
+            assert torch.equal(ms[i], minit[i]), "MASTER_VIEW modified the master"
+        assert_close_dtype(outs[i], ref, dtype)
+
+
+SMALL = (1, 3, 17, 4097)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_stream_every_mode_bit_exact(dtype, mode):
+    """Signs are exact, so every mode equals the reference bit for bit: default bases (vector path and
+    aligned=False), and explicit bases that straddle 128-element counters."""
+    cases = [(rng.default_bases(SMALL), None), (rng.default_bases(SMALL), False), ((1, 127, 2**33 + 130, 6), None)]
+    for bases, aligned in cases:
+        outs, ms, init, minit = run_guarded(mode, dtype, SMALL, bases, SIGN, 100 + mode, aligned)
+        for i, (n, base) in enumerate(zip(SMALL, bases)):
+            ref, mref = reference(mode, dtype, init[i], minit[i], rng.signs(SEED, base, n), base, SIGN)
+            assert torch.equal(outs[i].view(INT_VIEW[dtype]), ref.view(INT_VIEW[dtype])), (mode.name, base)
+            if mref is not None:
+                assert torch.equal(ms[i], mref), (mode.name, base)
+
+
+# (x, beta): with sign directions y = x +- beta exactly, which puts y on each branch of the rounding: ties,
+# just above a representable value, carries into the exponent, fp16 subnormals, |y| < 2**-24, fp32 subnormals,
+# zero, Inf/NaN, past fp16's largest finite value
+SR_EDGES = [(1.0, 2**-8), (1.0, 2**-11), (1.0, 2**-23), (2 - 2**-7, 2**-7 - 2**-23), (2 - 2**-10, 2**-10 - 2**-23),
+            (2**-24, 2**-25), (2**-20, 2**-26), (0.0, 2**-26), (0.0, 1e-40), (0.0, 0.0), (float("inf"), 1.0),
+            (float("nan"), 1.0), (65504.0, 15.0), (-1.5, 2**-12)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # interpreter: 65536 -> fp16 inf
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_edge_values_any_base(dtype):
+    n = 600
+    for x, beta in SR_EDGES:
+        for base in (3, 2**35 + 8):
+            buf, d = guarded(n, dtype, torch.full((n,), x, dtype=dtype))
+            meta, chunks = plan([d], [base])
+            launch(meta, chunks, 1, chunks.shape[0], dtype, AXPBY_SR, SEED, 1.0, beta, 0.0, base % 4 == 0, dist=SIGN)
+            y = rng.fma_update(torch.full((n,), x, dtype=dtype), rng.signs(SEED, base, n), 1.0, beta)
+            ref = rng.stochastic_round(y, dtype, SEED, base)
+            got = d.cpu()
+            if x != x:   # NaN payloads are not part of the spec: NaN in, NaN out
+                assert bool(got.isnan().all()) and bool(ref.isnan().all())
             else:
-                assert torch.equal(m[i][1].cpu(), minit[i]), "MASTER_VIEW modified the master"
-        assert_close_dtype(d[i][1].cpu(), ref.to(dtype), dtype)
+                assert torch.equal(got.view(INT_VIEW[dtype]), ref.view(INT_VIEW[dtype])), (x, beta, base)
+            g = torch.cat((buf[:GUARD], buf[-GUARD:]))
+            assert bool(torch.isnan(g).all()), "guard memory was written"
+
+
+@pytest.mark.parametrize("group,nbits", [(rng.SIGN_GROUP, 1), (rng.SR_GROUP, 16)])
+@pytest.mark.parametrize("seed,g0", [(0, 0), (SEED, 77), (2**64 - 1, 2**40 + 125)])
+def test_stream_bits_match_reference(group, nbits, seed, g0):
+    got = P.bits(seed, g0, 3001, group, nbits, DEV).cpu()
+    assert torch.equal(got, rng_bits.stream_bits(seed, g0, 3001, group, nbits, None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -217,7 +296,7 @@ def test_fill_is_bit_exact_within_backend(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", [AXPBY, FILL])
+@pytest.mark.parametrize("mode", [AXPBY, FILL], ids=lambda m: m.name)
 def test_unaligned_explicit_bases(dtype, mode):
     sizes, bases = (17, 4097, CHUNK + 3, 3, 1), (1, 3, 2**33 + 2, 2**32 - 1, 6)
     gen = torch.Generator().manual_seed(7)
@@ -271,11 +350,17 @@ def test_available_and_validation():
     assert isinstance(available(torch.device("meta")), str)
     t = torch.zeros(5, device=DEV)
     meta, chunks = plan([t], [0])
-    with pytest.raises(ValueError):
-        launch(meta, chunks, 1, 1, torch.float32, 4, 0, 1.0, 0.0, 0.0, True)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="mode"):
+        launch(meta, chunks, 1, 1, torch.float32, len(MODES), 0, 1.0, 0.0, 0.0, True)
+    with pytest.raises(ValueError, match="mode"):
+        launch(meta, chunks, 1, 1, torch.float32, True, 0, 1.0, 0.0, 0.0, True)
+    with pytest.raises(TypeError, match="dtype"):
         launch(meta, chunks, 1, 1, torch.float64, 0, 0, 1.0, 0.0, 0.0, True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dist"):
+        launch(meta, chunks, 1, 1, torch.float32, 0, 0, 1.0, 0.0, 0.0, True, dist=len(rng.Distribution))
+    with pytest.raises(ValueError, match="meta"):
         launch(meta[:, :0], chunks, 1, 1, torch.float32, 0, 0, 1.0, 0.0, 0.0, True)
+    with pytest.raises(ValueError, match="chunks"):
+        launch(meta, chunks[:, :1], 1, 1, torch.float32, 0, 0, 1.0, 0.0, 0.0, True)
     launch(meta, chunks[:0], 1, 0, torch.float32, 0, 0, 1.0, 0.0, 0.0, True)  # nothing to do is fine
     assert CHUNK % 4 == 0 and CHUNK & (CHUNK - 1) == 0

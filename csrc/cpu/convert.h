@@ -1,4 +1,5 @@
-// fp16 / bf16 <-> fp32 by bit manipulation, branch-free so the element loops of kernel.cpp vectorise.
+// fp16 / bf16 <-> fp32 by bit manipulation (and stochastic rounding to them), branch-free so the element loops
+// of kernel.cpp vectorise.
 //
 // Reference semantics (what torch does for .to(dtype)): loads are exact widenings; stores round to nearest,
 // ties to even, with overflow to +-inf, fp16 subnormals produced correctly, NaN kept NaN (quiet).
@@ -10,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../sround.h"
 #include "fastmath.h"  // f2u / u2f / MEZO_INLINE
 
 namespace mezo {
@@ -58,21 +60,32 @@ MEZO_INLINE uint16_t f32_to_f16(float ff) {
   return static_cast<uint16_t>(o | (sign >> 16));
 }
 
-// Element access by dtype: float (code 0), uint16_t tagged as fp16 (code 1) or bf16 (code 2).
+// Stochastic rounding (sround.h) followed by the exact round-to-nearest conversion above.
+MEZO_INLINE uint16_t sround_bf16(float y, uint32_t r) { return f32_to_bf16(sround_bf16_value(y, r)); }
+MEZO_INLINE uint16_t sround_f16(float y, uint32_t r) { return f32_to_f16(sround_f16_value(y, r)); }
+
+// Element access by dtype (kDTypeFloat32 / kDTypeFloat16 / kDTypeBfloat16): float, or uint16_t tagged as fp16 / bf16.
+// sround: stochastic rounding with 16 random bits; for fp32 the fma result is already fp32 (plain rounding).
 struct F32 {
   using Storage = float;
+  static constexpr bool kStochastic = false;  // AXPBY_SR is AXPBY: no SR bits are generated
   static MEZO_INLINE float load(float v) { return v; }
   static MEZO_INLINE float store(float v) { return v; }
+  static MEZO_INLINE float sround(float v, uint32_t) { return v; }
 };
 struct F16 {
   using Storage = uint16_t;
+  static constexpr bool kStochastic = true;
   static MEZO_INLINE float load(uint16_t v) { return f16_to_f32(v); }
   static MEZO_INLINE uint16_t store(float v) { return f32_to_f16(v); }
+  static MEZO_INLINE uint16_t sround(float v, uint32_t r) { return sround_f16(v, r); }
 };
 struct BF16 {
   using Storage = uint16_t;
+  static constexpr bool kStochastic = true;
   static MEZO_INLINE float load(uint16_t v) { return bf16_to_f32(v); }
   static MEZO_INLINE uint16_t store(float v) { return f32_to_bf16(v); }
+  static MEZO_INLINE uint16_t sround(float v, uint32_t r) { return sround_bf16(v, r); }
 };
 
 }  // namespace cpu

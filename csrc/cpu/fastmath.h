@@ -44,7 +44,7 @@ MEZO_INLINE float mezo_fmaf(float a, float b, float c) {
 #endif
 }
 
-// Natural log for positive normal x (here x = u1 in [1e-7, 1 - 2^-24]; no zero/inf/NaN/denormal handling).
+// Natural log for positive normal x (here x = u1 in [kUMinF, 1 - 2^-24]; no zero/inf/NaN/denormal handling).
 // x = m * 2^e with m in [sqrt(1/2), sqrt(2)); f = m - 1 is exact (Sterbenz), log x = e ln2 + log1p(f) with
 // ln2 split in two (0.693359375 has 9 bits, so e * it is exact) as in cephes logf.
 MEZO_INLINE float fast_logf(float x) {

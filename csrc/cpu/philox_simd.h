@@ -21,10 +21,10 @@ namespace cpu {
 
 // Round keys are the same for every lane: computed once per call, not per counter.
 struct RoundKeys {
-  uint32_t k0[10], k1[10];
+  uint32_t k0[kPhiloxRounds], k1[kPhiloxRounds];
   explicit RoundKeys(uint64_t seed) {
     uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
+    for (int r = 0; r < kPhiloxRounds; ++r) {
       k0[r] = a;
       k1[r] = b;
       a += kPhiloxW0;
@@ -37,8 +37,8 @@ struct RoundKeys {
 MEZO_INLINE void philox_lane(const RoundKeys& rk, uint64_t k, uint32_t& w0, uint32_t& w1, uint32_t& w2,
                              uint32_t& w3) {
   uint32_t c0 = static_cast<uint32_t>(k), c1 = static_cast<uint32_t>(k >> 32), c2 = 0u, c3 = 0u;
-#pragma GCC unroll 10  // straight-line code: a loop inside the simd loop body would block vectorisation
-  for (int r = 0; r < 10; ++r) {
+#pragma GCC unroll kPhiloxRounds  // straight-line code: a loop inside the simd loop body would block vectorisation
+  for (int r = 0; r < kPhiloxRounds; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM1) * c2;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint32_t n0 = static_cast<uint32_t>(p0 >> 32) ^ c1 ^ rk.k0[r];
@@ -107,8 +107,8 @@ MEZO_INLINE void philox_soa(const RoundKeys& rk, uint64_t kfirst, uint32_t* __re
   for (int i = 0; i < N; i += kSimdLanes) {
     VecU c0, c1, c2 = vset1(0u), c3 = vset1(0u);
     vcounters(kfirst + static_cast<uint64_t>(i), c0, c1);
-#pragma GCC unroll 10
-    for (int r = 0; r < 10; ++r) {
+#pragma GCC unroll kPhiloxRounds
+    for (int r = 0; r < kPhiloxRounds; ++r) {
       VecU hi0, lo0, hi1, lo1;
       vmulhilo(c2, m1, hi0, lo0);
       vmulhilo(c0, m0, hi1, lo1);

@@ -1,4 +1,5 @@
-// z for a block of kZBlock consecutive Philox counters, vectorised: the CPU's one source of normals.
+// z for a block of kZBlock consecutive Philox counters, vectorised: the CPU's one source of normals; and the
+// per-counter expansions of the sign stream and of the stochastic-rounding bits.
 //
 // Reference semantics: out[4 i + j] = randn4x(seed, kfirst + i)[j] (shared/docs/rng_spec.md): Philox words
 // bit-exact, uniforms bit-exact (same expression as csrc/philox.h), log/sincos/sqrt in fp32 (fastmath.h) within
@@ -35,7 +36,7 @@ inline void gen_words_block(const RoundKeys& rk, uint64_t kfirst, uint32_t* __re
 
 MEZO_INLINE void box_muller_fast(uint32_t wu, uint32_t wt, float& c, float& s) {
   const float u0 = uniform_f32(wu);
-  const float u = u0 < kUMinF ? kUMinF : u0;  // = fmax(1e-7f, u0) (u0 is never NaN) but a plain select
+  const float u = u0 < kUMinF ? kUMinF : u0;  // = fmax(kUMinF, u0) (u0 is never NaN) but a plain select
   const float th = kTwoPiF * uniform_f32(wt);
   // vsqrtps, correctly rounded; the build passes -fno-math-errno, else GCC adds an errno branch (no simd)
   const float r = std::sqrt(-2.0f * fast_logf(u));
@@ -60,6 +61,33 @@ inline void gen_z_block(const RoundKeys& rk, uint64_t kfirst, float* __restrict 
     out[4 * i + 1] = n1[i];
     out[4 * i + 2] = n2[i];
     out[4 * i + 3] = n3[i];
+  }
+}
+
+// The sign stream (rng.signs): element j of counter k's 128 is bit j & 31 of word j >> 5, z = 1 - 2 bit.
+// out[j] = +-1.0f for j in [0, kSignGroup); the sign bit is the stream bit moved to bit 31.
+MEZO_INLINE void sign_block(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, float* __restrict out) {
+  static_assert(kSignGroup == 128, "one counter's four words give 128 signs");
+  const uint32_t w[4] = {w0, w1, w2, w3};
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t x = w[q];
+#pragma omp simd
+    for (int j = 0; j < 32; ++j) out[32 * q + j] = u2f(0x3f800000u | ((x << (31 - j)) & 0x80000000u));
+  }
+}
+
+// 16-bit stochastic-rounding values of elements 8 kfirst .. 8 (kfirst + N) (rng.sr_bits): Philox at the SR
+// stream's keys, counter k gives elements 8k + 2q + h the half h of word q (low half first).
+template <int N>
+MEZO_INLINE void sr_block(const RoundKeys& rk_sr, uint64_t kfirst, uint16_t* __restrict out) {
+  static_assert(kSrGroup == 8, "one counter's four words give 8 16-bit values");
+  alignas(64) uint32_t w[4][N];
+  philox_soa<N>(rk_sr, kfirst, w[0], w[1], w[2], w[3]);
+  for (int i = 0; i < N; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      out[8 * i + 2 * q] = static_cast<uint16_t>(w[q][i]);
+      out[8 * i + 2 * q + 1] = static_cast<uint16_t>(w[q][i] >> 16);
+    }
   }
 }
 

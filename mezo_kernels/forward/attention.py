@@ -10,20 +10,37 @@ prefix+suffix key set would need a lower-right causal mask per row and a copy of
 Shapes: ``q`` [B, H, L, D]; ``k``, ``v`` [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention);
 returns ``out`` [B, H, L, D] in q's dtype and ``lse`` [B, H, L] (natural log) in float32, or float64 for
 float64 q (the tests run a float64 model to check the algebra tightly).
+
+The aten kernels are reached through ``_compat.attention_with_lse``. On CUDA the memory-efficient kernel refuses
+some shapes and alignments; the matmul-softmax reference then runs instead, a RuntimeWarning says so once per
+process, and the caller's recorder (the engine's stats) gets the kernel that actually ran and why.
 """
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 import torch
 
-__all__ = ["attend", "merge", "reference", "kernel_for", "sdpa_kernels_used"]
+from .. import _compat
+from .._compat import sdpa_kernels_used
+
+__all__ = ["attend", "merge", "reference", "kernel_for", "sdpa_kernels_used", "Recorder"]
 
 _NEG_INF = float("-inf")
+# kernels that refuse some shapes or alignments by design: the reference runs instead, with a warning
+_MAY_REFUSE = ("cuda-efficient",)
+_warned: set[str] = set()
+
+Recorder = Callable[[str, "str | None"], None]
+"""``record(kernel, fallback)``: the kernel that ran (``cpu-flash``, ``cuda-flash``, ``cuda-efficient`` or
+``math``) and, when it replaced the intended one, why."""
 
 
 def kernel_for(device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel :func:`attend` runs for q of this device and dtype."""
+    """The kernel :func:`attend` means to run for q of this device and dtype (without a key mask)."""
     if device.type == "cpu":
-        return "cpu-flash"           # aten::_scaled_dot_product_flash_attention_for_cpu: any float dtype, masks
+        return "cpu-flash"           # any float dtype, masks
     if device.type == "cuda":
         # FlashAttention-2 needs fp16/bf16; fp32 goes to the memory-efficient kernel, which also returns the lse
         return "cuda-flash" if dtype in (torch.float16, torch.bfloat16) else "cuda-efficient"
@@ -43,26 +60,37 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _run(q, k, v, causal: bool, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    name, acc = kernel_for(q.device, q.dtype), _acc(q.dtype)
-    if name == "cpu-flash":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        return out, lse.to(acc)
-    if name == "cuda-flash" and mask is None:
-        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return r[0], r[1].to(acc)
-    if q.device.type == "cuda":
-        # memory-efficient kernel: takes an additive bias and pads the lse to a multiple of 32 query rows.
-        # Not yet run on a GPU (none was lent when this was written): a shape or alignment it refuses falls
-        # back to the reference below rather than failing the forward.
-        bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+def _run(q, k, v, causal: bool, mask: torch.Tensor | None, scale: float, record: Recorder | None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    name, fallback = kernel_for(q.device, q.dtype), None
+    if name == "cuda-flash" and mask is not None:
+        name = "cuda-efficient"                  # FlashAttention takes no mask; this one takes a bias
+    if name != "math":
+        bias = mask
+        if mask is not None and name == "cuda-efficient":
+            # the memory-efficient kernel wants the additive bias at full size [B, H, L, S]
+            bias = mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
-            r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal,
-                                                                        scale=scale)
-            return r[0], r[1][..., :q.shape[2]].to(acc)
-        except RuntimeError:
-            pass
+            out, lse = _compat.attention_with_lse(name, q, k, v, causal=causal, scale=scale, bias=bias)
+        except _compat.CompatError:
+            raise
+        except RuntimeError as e:
+            if name not in _MAY_REFUSE:
+                raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            fallback = (f"{name} refused q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
+                        f"mask {mask is not None}: {why}")
+            if name not in _warned:
+                _warned.add(name)
+                warnings.warn(f"attention fell back to the matmul-softmax reference ({fallback}); "
+                              "further fallbacks show in the engine stats only", RuntimeWarning, stacklevel=2)
+            name = "math"
+        else:
+            if record is not None:
+                record(name, None)
+            return out, lse.to(_acc(q.dtype))
+    if record is not None:
+        record(name, fallback)
     return reference(q, k, v, causal, mask, scale)
 
 
@@ -80,13 +108,15 @@ def reference(q, k, v, causal: bool, mask: torch.Tensor | None, scale: float):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-           key_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           key_len: torch.Tensor | None = None, record: Recorder | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over ``k``/``v`` and its log-sum-exp (shapes: module docstring).
 
     causal: square causal attention (L == S); padding must be at the end of each row (right padding), where no
         real query can see it.
     key_len: optional [B] count of valid keys per batch entry (non-causal only); keys past it are masked out
         (they get weight 0, so they must be finite: 0 * nan is nan).
+    record: called with the kernel that actually ran (see :data:`Recorder`).
     """
     B, H, L, D = q.shape
     hkv = k.shape[1]
@@ -104,8 +134,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, s
             raise ValueError(f"causal attention here is square; got {L} queries and {k.shape[2]} keys")
         if hkv != H:
             k, v = k.repeat_interleave(H // hkv, 1), v.repeat_interleave(H // hkv, 1)
-        return _run(q, k, v, True, None, scale)
-    out, lse = _run(_fold_heads(q, hkv), k, v, False, mask, scale)
+        return _run(q, k, v, True, None, scale, record)
+    out, lse = _run(_fold_heads(q, hkv), k, v, False, mask, scale, record)
     return out.reshape(B, H, L, D), lse.reshape(B, H, L)
 
 
@@ -117,22 +147,3 @@ def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Te
     w1, w2 = (lse1 - lse).exp()[..., None], (lse2 - lse).exp()[..., None]
     acc = _acc(o1.dtype)
     return (o1.to(acc) * w1 + o2.to(acc) * w2).to(o1.dtype), lse
-
-
-def sdpa_kernels_used(fn, *args, **kwargs) -> tuple[object, list[str]]:
-    """Run ``fn(*args, **kwargs)`` and list the SDPA kernels (aten ops) it dispatched, e.g.
-    ``['aten._scaled_dot_product_flash_attention_for_cpu.default', ...]``: which backend actually ran."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen: list[str] = []
-
-    class _Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if "scaled_dot_product" in name and name not in seen:
-                seen.append(name)
-            return func(*args, **(kwargs or {}))
-
-    with _Record():
-        result = fn(*args, **kwargs)
-    return result, seen

@@ -69,3 +69,18 @@ def pad(seqs: list[list[int]], offsets: list[int], dev) -> tuple[torch.Tensor, t
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     pos = torch.tensor(offsets, dtype=torch.long)[:, None] + torch.arange(T)[None, :]
     return ids.to(dev), pos.to(dev)
+
+
+def plan_batches(plan: Plan, cached: dict, toks: list[list[int]], dev):
+    """Everything one reuse forward of ``toks`` under ``plan`` runs: per nesting level its segments and those not
+    in ``cached``; each fresh level's padded batch and the row batch, ``(ids, positions)``; per batch the (level,
+    layout) pairs of the segments it attends to."""
+    levels = [[s for s, seg in enumerate(plan.segments) if seg.level == d] for d in range(plan.levels)]
+    fresh = [[s for s in lev if s not in cached] for lev in levels]
+    batches = [pad([list(plan.segments[s].tokens) for s in f], [plan.segments[s].start for s in f], dev)
+               for f in fresh]
+    batches.append(pad([t[p:] for t, p in zip(toks, plan.plen)], plan.plen, dev))
+    # entries of batch b (levels, then rows) attending to each segment of level j < b
+    chains = [[plan.chain(plan.segments[s].parent) for s in f] for f in fresh]
+    chains.append([plan.chain(o) for o in plan.owner])
+    return levels, fresh, batches, [layouts(plan, levels, ch, b, dev) for b, ch in enumerate(chains)]

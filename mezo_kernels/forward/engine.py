@@ -7,14 +7,20 @@
   directions of a step.
 * Eval cache: with fixed weights, a prefix computed for one batch serves later batches (e.g. a system prompt or
   few-shot demonstrations during evaluation).
+* Row groups (``row_groups``, grouped.py): G copies of the same rows, each under its own weights (the batched ±
+  step); frozen layers run once for all groups, shared prefixes once per group, the eval cache is left alone.
 
-Every cached tensor is keyed by a *weight version*: the ``(data_ptr, _version)`` of each parameter it depends on.
-PyTorch bumps ``_version`` on every in-place write (and ``ParamSet`` bumps it after each kernel launch), and a
-replaced tensor has another address, so a cache entry can never be used after a weight it depends on changed.
+Every cached tensor is keyed by a *weight version* (``_compat.param_version``: address and version counter of
+each parameter it depends on). PyTorch bumps the counter on every in-place write (and ``ParamSet`` bumps it after
+each kernel launch), and a replaced tensor has another address, so a cache entry can never be used after a weight
+it depends on changed. Virtual perturbation writes nothing, so the key also holds the active perturbation of every
+parameter it depends on (``weight_state.key``): the +eps pass, the -eps pass and the unperturbed weights never share
+an entry that depends on a trainable tensor, while a frozen-only state (frozen-layer reuse) stays shared.
 Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import kernel_for, sdpa_kernels_used
-from .batches import layouts, pad, padded_work, part, stack
+from .. import weight_state
+from .._compat import param_version, sdpa_kernels_used
+from ..models import unwrap
+from .batches import padded_work, part, plan_batches, stack
+from .grouped import check_groups, first_group, tile_plan, tile_states
 from .llama import LlamaRunner, unsupported_reason
 from .plan import Plan, plan_prefixes
 
@@ -41,8 +50,10 @@ class EngineStats:
     frozen_misses: int = 0
     prefix_cache_lookups: int = 0      # groups needed by reuse forwards
     prefix_cache_hits: int = 0         # of which served from the eval cache
-    kernels: set = field(default_factory=set)
+    kernels: set = field(default_factory=set)   # attention kernels that actually ran
     fallback: str | None = None        # why the plain forward ran, if it did
+    attention_fallback: str | None = None   # why an attention kernel was replaced by the reference, if it was
+    grouped_forwards: int = 0          # forwards whose rows were row groups (see row_groups)
 
     @property
     def saved_fraction(self) -> float:
@@ -57,16 +68,8 @@ class EngineStats:
                 "frozen_hits": self.frozen_hits, "frozen_misses": self.frozen_misses,
                 "prefix_cache_hits": self.prefix_cache_hits, "prefix_cache_lookups": self.prefix_cache_lookups,
                 "prefix_hit_rate": round(self.prefix_hit_rate, 4), "attention": sorted(self.kernels),
-                "fallback": self.fallback}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _version(params) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in params)
+                "fallback": self.fallback, "attention_fallback": self.attention_fallback,
+                "grouped_forwards": self.grouped_forwards}
 
 
 def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[list[int]], list[int]]:
@@ -102,6 +105,7 @@ class ForwardEngine:
         self._runner_obj: LlamaRunner | None = None
         self._kv: OrderedDict[tuple, list] = OrderedDict()      # (version, segment path) -> [(k, v)] per layer
         self._frozen: OrderedDict[tuple, tuple] = OrderedDict()  # (tokens, k, version) -> state at layer k
+        self._groups: int | None = None                           # row groups of the next forwards (row_groups)
 
     @classmethod
     def plain(cls) -> "ForwardEngine":
@@ -118,18 +122,40 @@ class ForwardEngine:
         self._kv.clear()
         self._frozen.clear()
 
+    @contextlib.contextmanager
+    def row_groups(self, groups: int):
+        """Within the block, ``logits_at`` takes its rows as ``groups`` row groups (grouped.py): G group-major
+        blocks of the same rows, each run under its own weights (a grouped LoRA delta). Each group computes its
+        own shared segments; the layers below the first trainable one run once for all groups; the eval cache is
+        neither read nor written (the weight version cannot tell the groups' weights apart). Without reuse, or
+        for a model the engine cannot run, the plain forward runs all rows and ``stats.fallback`` says why."""
+        groups = check_groups(groups)
+        if self._groups is not None:
+            raise RuntimeError("row groups do not nest: this engine is already inside row_groups()")
+        self._groups = groups
+        try:
+            yield self
+        finally:
+            self._groups = None
+
     # ----------------------------------------------------------------------------------------- entry point
     def logits_at(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         lm = unwrap(model)
         why = "reuse is off" if not self.reuses else unsupported_reason(lm)
         self.stats.forwards += 1
+        G, first_ids, first_mask = self._groups or 1, input_ids, attention_mask
+        if self._groups is not None:                # rows are G group-major copies: plan over the first
+            self.stats.grouped_forwards += 1
+            first_ids, first_mask = first_group(input_ids, attention_mask, G)
         if why:
             self.stats.fallback = why
             return self._plain(model, lm, input_ids, attention_mask, rows, cols)
         runner = self._runner(lm)
-        toks, starts = _rows(input_ids, attention_mask)
-        rows_c = rows.cpu()
+        toks, starts = _rows(first_ids, first_mask)
+        R = len(toks)                                   # rows per group
+        rows_all = rows.cpu()
+        group, rows_c = rows_all // R, rows_all % R
         rel = cols.cpu() - torch.tensor(starts)[rows_c]
         lengths = torch.tensor([len(t) for t in toks])
         if bool(((rel < 0) | (rel >= lengths[rows_c])).any()):
@@ -139,9 +165,10 @@ class ForwardEngine:
             need[r] = min(c, need.get(r, c))
         used = sorted(need)
         dev = next(lm.parameters()).device
-        h, where = self._run(runner, lm, [toks[r] for r in used], [need[r] for r in used], dev)
+        h, where = self._run(runner, lm, [toks[r] for r in used], [need[r] for r in used], dev, self._groups)
         index = {r: i for i, r in enumerate(used)}
-        sr, sc = zip(*[where(index[r], c) for r, c in zip(rows_c.tolist(), rel.tolist())])
+        sr, sc = zip(*[where(g * len(used) + index[r], c)
+                       for g, r, c in zip(group.tolist(), rows_c.tolist(), rel.tolist())])
         self.stats.plain_token_layers += input_ids.numel() * runner.num_layers
         return runner.logits(h[torch.tensor(sr, device=dev), torch.tensor(sc, device=dev)])
 
@@ -167,30 +194,40 @@ class ForwardEngine:
         if self._model is not lm:                    # another model: its caches would be meaningless
             self.clear()
             self._model, self._runner_obj = lm, LlamaRunner(lm)
+            self._runner_obj.record = self._record_kernel
         return self._runner_obj
+
+    def _record_kernel(self, kernel: str, fallback: str | None) -> None:
+        self.stats.kernels.add(kernel)
+        if fallback is not None:
+            self.stats.attention_fallback = fallback
 
     # ----------------------------------------------------------------------------------------- reuse forward
     def _first_trainable(self, runner: LlamaRunner) -> int:
-        if not self.frozen_reuse or any(p.requires_grad for p in runner.body.embed_tokens.parameters()):
+        if not self.frozen_reuse or any(p.requires_grad for p in runner.embed_tokens.parameters()):
             return 0
         for i, layer in enumerate(runner.layers):
             if any(p.requires_grad for p in layer.parameters()):
                 return i
         return runner.num_layers
 
-    def _run(self, runner: LlamaRunner, lm: nn.Module, toks: list[list[int]], need: list[int], dev):
-        """Hidden states of the row batch after the last layer, and f(row, col) -> (batch row, batch col)."""
+    def _run(self, runner: LlamaRunner, lm: nn.Module, toks: list[list[int]], need: list[int], dev,
+             groups: int | None = None):
+        """Hidden states of the row batch after the last layer, and f(row, col) -> (batch row, batch col).
+        ``groups`` (row_groups): ``toks`` are one group's rows; the result holds G group-major copies."""
         caching = not torch.is_grad_enabled()
         L = runner.num_layers
         # the state entering layer k is cached; k = L would leave no layer to run, so the last one always runs
         k = min(self._first_trainable(runner), L - 1) if caching else 0
         frozen_key = None
         if k > 0:
-            frozen_params = [*runner.body.embed_tokens.parameters()]
+            frozen_params = [*runner.embed_tokens.parameters()]
             for layer in runner.layers[:k]:
                 frozen_params += list(layer.parameters())
-            frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _version(frozen_params))
-        version = _version(lm.parameters()) if (caching and self.eval_cache) else None
+            frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _weights_key(frozen_params))
+        version = _weights_key(list(lm.parameters())) if (caching and self.eval_cache) else None
+        if groups is not None:
+            version = None          # the groups' weights are not the stored ones, which the version describes
         state = self._frozen.get(frozen_key) if frozen_key is not None else None
         if state is not None:
             self.stats.frozen_hits += 1
@@ -214,23 +251,21 @@ class ForwardEngine:
             hidden, start = None, 0
         self.stats.prefix_cache_lookups += len(plan.segments)
         self.stats.prefix_cache_hits += len(cached)
-        levels = [[s for s, seg in enumerate(plan.segments) if seg.level == d] for d in range(plan.levels)]
-        fresh = [[s for s in lev if s not in cached] for lev in levels]
-        batches = [pad([list(plan.segments[s].tokens) for s in f], [plan.segments[s].start for s in f], dev)
-                   for f in fresh]
-        batches.append(pad([t[p:] for t, p in zip(toks, plan.plen)], plan.plen, dev))
-        # entries of batch b (levels, then rows) attending to each segment of level j < b
-        chains = [[plan.chain(plan.segments[s].parent) for s in f] for f in fresh]
-        chains.append([plan.chain(o) for o in plan.owner])
-        parts_of = [layouts(plan, levels, ch, b, dev) for b, ch in enumerate(chains)]
+        one = plan
+        levels, fresh, batches, parts_of = plan_batches(plan, cached, toks, dev)
         if hidden is None:
             hidden = [runner.embed(ids) if ids.numel() else None for ids, _ in batches]
         ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
-        self.stats.kernels.add(kernel_for(hidden[-1].device, hidden[-1].dtype))
         kv_log: list[list] = [[] for _ in levels]            # per level, per layer: (k, v) of its fresh batch
         for i in range(start, L):
             if i == k and frozen_key is not None and state is None:
                 self._remember(self._frozen, frozen_key, (plan, cached, list(hidden)), 2)
+            if i == k and groups is not None and groups > 1:
+                # from the first trainable layer on, weights differ between row groups: every segment and row
+                # runs once per group (cached is empty: no eval cache under row groups, none in a frozen state)
+                plan, hidden = tile_plan(one, groups), tile_states(hidden, groups)
+                levels, fresh, batches, parts_of = plan_batches(plan, cached, toks * groups, dev)
+                ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
             stacks = []
             for d in range(len(levels)):
                 kf = vf = None
@@ -241,10 +276,10 @@ class ForwardEngine:
                 stacks.append(stack(plan, levels[d], cached, kf, vf, i))
             parts = [part(stacks[j], lay) for j, lay in parts_of[-1]]
             hidden[-1], _, _ = runner.layer(i, hidden[-1], ropes[-1], parts)
-        self.stats.run_token_layers += sum(ids.numel() for ids, _ in batches) * (L - start)
+            self.stats.run_token_layers += sum(ids.numel() for ids, _ in batches)
         if caching and self.eval_cache and version is not None and start == 0:
             self._store_segments(version, plan, fresh, kv_log)
-        return hidden[-1], lambda r, c: (r, c - plan.plen[r])
+        return hidden[-1], lambda r, c: (r, c - one.plen[r % len(toks)])
 
     def _store_segments(self, version, plan: Plan, fresh: list[list[int]], kv_log) -> None:
         for stale in [key for key in self._kv if key[0] != version]:   # versions never come back: drop them
@@ -263,6 +298,11 @@ class ForwardEngine:
         store.move_to_end(key)
         while len(store) > cap:
             store.popitem(last=False)
+
+
+def _weights_key(params: list) -> tuple:
+    """What the values of ``params`` are now: addresses and version counters, and any virtual perturbation."""
+    return param_version(params), weight_state.key(params)
 
 
 def _accepts(lm: nn.Module, name: str) -> bool:

@@ -2,9 +2,10 @@
 
 Per layer the engine runs one batch per nesting level of shared segments (each segment's tokens, once), then the
 batch of rows (each row's own tokens). An entry attends causally to its own tokens and, in place, to the K/V of every
-segment above it; the partial attentions merge through their log-sum-exps (attention.py). Everything else is the model's own modules
-(norms, projections with any peft LoRA wrapped in them, MLP, rotary embedding, LM head), called in the order
-``LlamaDecoderLayer`` calls them, so the result equals the plain forward up to the summation order inside attention.
+segment above it; the partial attentions merge through their log-sum-exps (attention.py). Everything else is the
+model's own modules (norms, projections with any peft LoRA wrapped in them, MLP, rotary embedding, LM head), taken
+apart and called in ``LlamaDecoderLayer``'s order by ``_compat.llama_parts``, so the result equals the plain forward
+up to the summation order inside attention.
 
 Every batch is right padded. Hidden states are [entries, tokens, hidden]; K/V are [entries, Hkv, tokens, D] after
 RoPE.
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import attend, merge
+from .. import _compat
+from .attention import Recorder, attend, merge
 
 SUPPORTED = ("llama",)
 
@@ -27,9 +29,9 @@ def unsupported_reason(lm: nn.Module) -> str | None:
     mtype = getattr(cfg, "model_type", None)
     if mtype not in SUPPORTED:
         return f"model_type {mtype!r} (prefix/frozen-layer reuse supports {', '.join(SUPPORTED)})"
-    body = getattr(lm, "model", None)
-    if body is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return f"{type(lm).__name__} does not have the Llama module layout"
+    missing = _compat.llama_missing(lm)
+    if missing:
+        return f"{type(lm).__name__} does not have the Llama module layout (missing {', '.join(missing)})"
     if lm.training and getattr(cfg, "attention_dropout", 0.0):
         return "attention dropout is active (training mode)"
     return None
@@ -68,61 +70,58 @@ class GroupLayout:
 
 
 class LlamaRunner:
-    """Runs ``lm`` (an unwrapped Llama ``*ForCausalLM``; LoRA layers inside it are fine) one layer at a time."""
+    """Runs ``lm`` (an unwrapped Llama ``*ForCausalLM``; LoRA layers inside it are fine) one layer at a time.
+
+    ``record`` (settable): told which attention kernel ran at each call (:data:`attention.Recorder`)."""
 
     def __init__(self, lm: nn.Module) -> None:
         why = unsupported_reason(lm)
         if why:
             raise ValueError(f"cannot run {type(lm).__name__} layer by layer: {why}")
-        self.lm, self.body = lm, lm.model
-        self.layers = list(self.body.layers)[: lm.config.num_hidden_layers]
-        attn = self.layers[0].self_attn
-        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.lm, self.parts = lm, _compat.llama_parts(lm)
+        self.layers = self.parts.layers
+        self.head_dim, self.scale = self.parts.parts[0].head_dim, self.parts.parts[0].scaling
         self.n_kv = lm.config.num_key_value_heads
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-        self._rope_apply = apply_rotary_pos_emb
+        self.record: Recorder | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.parts.embed_tokens
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.body.embed_tokens(ids)
+        return self.parts.embed_tokens(ids)
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for ``positions`` [rows, tokens]."""
-        return self.body.rotary_emb(h, positions)
+        return self.parts.rope(h, positions)
 
     def _qkv(self, i: int, x: torch.Tensor, rope, need_q: bool = True):
-        a = self.layers[i].self_attn
+        a = self.parts.parts[i]
         B, L, _ = x.shape
         k = a.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         v = a.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
         q = a.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2) if need_q else k
-        q, k = self._rope_apply(q, k, *rope)
+        q, k = _compat.apply_rope(q, k, *rope)
         return q, k, v
-
-    def _finish(self, i: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Attention output [B, H, L, D] -> o_proj, residual, MLP, residual (``LlamaDecoderLayer`` order)."""
-        layer = self.layers[i]
-        B, _, L, _ = o.shape
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, L, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def layer(self, i: int, h: torch.Tensor, rope, parts=(), kv_only: bool = False):
         """Layer i on a batch [B, T, hidden] (right padded). Each entry attends causally to its own tokens and to
         the segments in ``parts``: ``(k, v, layout)`` per nesting level, k/v [G, Hkv, P, D] of that level's
         segments. Returns (h_next, k, v); ``kv_only`` (last layer of a segment batch: nothing reads its output)
         stops after K/V."""
-        x = self.layers[i].input_layernorm(h)
+        x = self.parts.parts[i].input_norm(h)
         q, k, v = self._qkv(i, x, rope, need_q=not kv_only)
         if kv_only:
             return None, k, v
-        o, lse = attend(q, k, v, causal=True, scale=self.scale)
+        o, lse = attend(q, k, v, causal=True, scale=self.scale, record=self.record)
         for pk, pv, layout in parts:
             o, lse = self._merge_part(q, o, lse, pk, pv, layout)
-        return self._finish(i, h, o), k, v
-
+        B, _, L, _ = o.shape
+        return self.parts.parts[i].finish(h, o.transpose(1, 2).reshape(B, L, -1)), k, v
     def _merge_part(self, q, o, lse, pk, pv, layout: GroupLayout):
         """Merge attention over one level's segment keys into the running (o, lse) of the entries below them.
 
@@ -133,7 +132,8 @@ class LlamaRunner:
         rep, n = H // hkv, layout.n
         qg = q.index_select(0, layout.slots).view(G, n, hkv, rep, S, D).permute(0, 2, 3, 1, 4, 5)
         key_len = None if layout.uniform == pk.shape[2] else layout.lengths
-        og, lg = attend(qg.reshape(G, hkv, rep * n * S, D), pk, pv, causal=False, scale=self.scale, key_len=key_len)
+        og, lg = attend(qg.reshape(G, hkv, rep * n * S, D), pk, pv, causal=False, scale=self.scale, key_len=key_len,
+                        record=self.record)
         og = og.view(G, hkv, rep, n, S, D).permute(0, 3, 1, 2, 4, 5).reshape(G * n, H, S, D)
         lg = lg.view(G, hkv, rep, n, S).permute(0, 3, 1, 2, 4).reshape(G * n, H, S)
         if layout.valid is not None:
@@ -146,4 +146,4 @@ class LlamaRunner:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on selected hidden states [N, hidden] -> [N, V]."""
-        return self.lm.lm_head(self.body.norm(h))
+        return self.parts.lm_head(self.parts.norm(h))

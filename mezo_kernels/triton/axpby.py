@@ -2,14 +2,8 @@
 
 One launch serves every tensor of a dtype group: program c reads ``(t, start) = chunks[c]`` and tensor t's
 pointer / numel / base / master pointer from ``meta`` (int64, device-resident, built once per plan), casts the
-int64 addresses to typed pointers, and updates elements ``[start, min(start + CHUNK, numel))``:
-
-| MODE | effect (z = z(seed, base + i), fp32 math, one rounding to DTYPE) |
-|------|-------------------------------------------------------------------|
-| 0    | ``d = round(fma(z, beta, alpha * d))``                            |
-| 1    | ``m' = fma(z, beta, alpha * m); m = m'; d = round(fma(z, gamma, m'))`` |
-| 2    | ``d = round(fma(z, gamma, m))``                                   |
-| 3    | ``d = round(z)`` (d is never read)                                |
+int64 addresses to typed pointers, and updates elements ``[start, min(start + CHUNK, numel))`` as the kernel mode
+says (``rng.KernelMode``: codes and effects). Mode and dtype codes are the spec's, read as ``tl.constexpr`` globals.
 
 Interpreter note (TRITON_INTERPRET=1, how CI runs this on CPU): the interpreter represents pointers as uint64
 host addresses and ``int -> pointer`` casts as a bit reinterpretation, so ``meta`` entries holding
@@ -17,11 +11,10 @@ host addresses and ``int -> pointer`` casts as a bit reinterpretation, so ``meta
 With CUDA tensors the same addresses are device pointers, which the interpreter cannot dereference, hence
 ``available()`` refuses that combination.
 
-Compiled mode was checked without a GPU only by compiling every (MODE, DTYPE, ALIGNED) variant for sm_90 with
-triton 3.9 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``): no spills, 56-114 registers,
-fma.rn.f32, sqrt.approx.ftz.f32, libdevice log/cos/sin, v4 loads/stores on the 16-byte-aligned path. Still to
-verify on a GPU: the tests on CUDA tensors (triton 3.6 there), bit-identity with the CUDA kernel (which must use
-logf/cosf/sinf, sqrt.approx.ftz.f32 and a non-ftz fmaf), and CHUNK / num_warps tuning against memory bandwidth.
+Compiled for sm_90 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` needs no GPU), every
+(MODE, DTYPE, ALIGNED) variant uses fma.rn.f32, sqrt.approx.ftz.f32, libdevice log/cos/sin and, on the 16-byte
+aligned path, v4 loads/stores. The CUDA kernel uses the same operations (logf/cosf/sinf, sqrt.approx.ftz.f32, a
+non-ftz fmaf), which is what lets the two backends agree bit for bit.
 """
 from __future__ import annotations
 
@@ -31,21 +24,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import interleave4, randn4x_counters, randn_at, seed_words
+from .. import _compat, rng
+from .philox import interleave4, randn4x_counters, randn_at, seed_words, stream_bits
+from .rounding import round_nearest, sround
 
 __all__ = ["CHUNK", "NUM_WARPS", "launch", "available"]
 
 # Elements per program. 4096 with 8 warps = 256 threads x 16 elements = 4 Philox counters per thread: enough
 # independent work per thread to hide memory latency and amortize the meta/chunks lookups, few enough registers
 # (4 x 10 Philox rounds unrolled + Box-Muller) to keep occupancy high, and a small tail waste (< 4096 elements
-# per tensor). A multiple of 4 as the ABI requires; a power of two because tl.arange needs one. Not tuned on a
-# GPU yet (none was available when this was written): benchmark 2048/4096/8192 x 4/8 warps on an H100.
+# per tensor). A multiple of 4 as the ABI requires; a power of two because tl.arange needs one. A reasoned
+# default, not a measured optimum: 2048/4096/8192 x 4/8 warps are the candidates to time against copy bandwidth.
 # Under the interpreter the chunk size only changes speed (numpy vectors per program), never results.
 CHUNK = 4096
 NUM_WARPS = 8
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_MODES = (0, 1, 2, 3)
 _MIN_VERSION = (3, 4)
+
+_AXPBY = tl.constexpr(int(rng.KernelMode.AXPBY))
+_MASTER_UPDATE = tl.constexpr(int(rng.KernelMode.MASTER_UPDATE))
+_MASTER_VIEW = tl.constexpr(int(rng.KernelMode.MASTER_VIEW))
+_FILL = tl.constexpr(int(rng.KernelMode.FILL))
+_OUT = tl.constexpr(int(rng.KernelMode.OUT))
+_AXPBY_SR = tl.constexpr(int(rng.KernelMode.AXPBY_SR))
+_GAUSSIAN = tl.constexpr(int(rng.Distribution.GAUSSIAN))
+_SIGN = tl.constexpr(int(rng.Distribution.SIGN))
+_SIGN_GROUP = tl.constexpr(rng.SIGN_GROUP)
+_SR_GROUP = tl.constexpr(rng.SR_GROUP)
+_FLOAT32 = tl.constexpr(int(rng.DTypeCode.FLOAT32))
+_FLOAT16 = tl.constexpr(int(rng.DTypeCode.FLOAT16))
+_BFLOAT16 = tl.constexpr(int(rng.DTypeCode.BFLOAT16))
 
 
 @triton.jit
@@ -53,71 +60,67 @@ def _typed(addr, DTYPE: tl.constexpr):
     # int64 address -> typed pointer. Compiled: inttoptr; interpreter: reinterpretation as a uint64 host address.
     # (The dtype is chosen by constexpr branches on the ABI's dtype code rather than by passing a tl.dtype as a
     # constexpr argument, which older Triton versions do not accept.)
-    if DTYPE == 0:
+    if DTYPE == _FLOAT32:
         p = addr.to(tl.pointer_type(tl.float32))
-    elif DTYPE == 1:
+    elif DTYPE == _FLOAT16:
         p = addr.to(tl.pointer_type(tl.float16))
     else:
+        tl.static_assert(DTYPE == _BFLOAT16, "dtype code without a pointer type")
         p = addr.to(tl.pointer_type(tl.bfloat16))
     return p
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> bf16, round to nearest even, with integer ops.
-
-    Why not ``x.to(tl.bfloat16)``: compiled, that is cvt.rn (RTNE), but the interpreter (checked on 3.9) converts
-    fp32 -> bf16 by *truncating* the mantissa, so CPU CI would disagree with the GPU and with torch. The integer
-    version is exact on both; it costs a few ALU ops in a memory-bound kernel."""
-    b = x.to(tl.uint32, bitcast=True)
-    r = tl.add(b, 0x7FFF + ((b >> 16) & 1), sanitize_overflow=False)  # may wrap only for NaN, fixed below
-    r = tl.where(x != x, b | 0x400000, r)  # NaN stays a (quiet) NaN instead of carrying into Inf
-    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _update(d, mp, z, mask, alpha, beta, gamma, MODE: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
-    """Apply MODE at pointers d (DTYPE) and mp (fp32 master) with fp32 normals z; mask only if MASKED.
+def _update(d, mp, z, r, mask, alpha, beta, gamma, MODE: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    """Apply MODE at pointers d (DTYPE) and mp (fp32 master, or the DTYPE source of mode OUT) with fp32
+    directions z; r: the uint32 rounding bits of mode AXPBY_SR (unused otherwise); mask only if MASKED.
 
     Every update is an explicit tl.fma: the default for fp contraction changes in Triton 3.10, and the CUDA/CPU
     backends use a true fma too. alpha * x is its own (rounded) fp32 product, as the ABI specifies."""
-    if MODE == 3:
+    if MODE == _FILL:
         out = z
-    elif MODE == 0:
-        if MASKED:
-            x = tl.load(d, mask=mask).to(tl.float32)
+    elif MODE == _AXPBY or MODE == _AXPBY_SR or MODE == _OUT:
+        if MODE == _OUT:
+            src = mp
         else:
-            x = tl.load(d).to(tl.float32)
+            src = d
+        if MASKED:
+            x = tl.load(src, mask=mask).to(tl.float32)
+        else:
+            x = tl.load(src).to(tl.float32)
         out = tl.fma(z, beta, alpha * x)
     else:
+        tl.static_assert(MODE == _MASTER_UPDATE or MODE == _MASTER_VIEW, "kernel mode without an implementation")
         if MASKED:
             m = tl.load(mp, mask=mask)
         else:
             m = tl.load(mp)
-        if MODE == 1:
+        if MODE == _MASTER_UPDATE:
             m = tl.fma(z, beta, alpha * m)
             if MASKED:
                 tl.store(mp, m, mask=mask)
             else:
                 tl.store(mp, m)
         out = tl.fma(z, gamma, m)
-    # One rounding fp32 -> DTYPE, to nearest even (fp16: Triton's cast is RTNE compiled and interpreted).
-    if DTYPE == 2:
-        out = _round_bf16(out)
+    # One rounding fp32 -> DTYPE: stochastic in AXPBY_SR (fp16/bf16), else to nearest even.
+    if MODE == _AXPBY_SR and DTYPE != _FLOAT32:
+        out = sround(out, r, DTYPE)
     else:
-        out = out.to(d.dtype.element_ty)
+        out = round_nearest(out, DTYPE)
     if MASKED:
         tl.store(d, out, mask=mask)
     else:
         tl.store(d, out)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "seed_lo", "seed_hi"])
-def _axpby_kernel(meta_ptr, chunks_ptr, num_tensors, seed_lo, seed_hi, alpha, beta, gamma,
-                  MODE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """meta: int64 [4, T] (ptr, numel, base, master ptr); chunks: int64 [C, 2] (t, start); grid = (C,).
+@triton.jit(do_not_specialize=["num_tensors", "seed_lo", "seed_hi", "sr_lo", "sr_hi"])
+def _axpby_kernel(meta_ptr, chunks_ptr, num_tensors, seed_lo, seed_hi, sr_lo, sr_hi, alpha, beta, gamma,
+                  MODE: tl.constexpr, DTYPE: tl.constexpr, DIST: tl.constexpr, ALIGNED: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """meta: int64 [4, T] (ptr, numel, base, master/source ptr); chunks: int64 [C, 2] (t, start); grid = (C,).
 
-    seed_lo/seed_hi: the uint64 seed's 32-bit halves as signed int32; alpha/beta/gamma: fp32 scalars.
+    seed_lo/seed_hi: the uint64 seed's 32-bit halves as signed int32 (sr_lo/sr_hi: those of rng.sr_seed(seed),
+    read by AXPBY_SR only); alpha/beta/gamma: fp32 scalars. DIST: distribution code.
     ALIGNED: every base of the group is a multiple of 4 (then so is base + start, starts being multiples of CHUNK)."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks_ptr + 2 * c)
@@ -127,38 +130,50 @@ def _axpby_kernel(meta_ptr, chunks_ptr, num_tensors, seed_lo, seed_hi, alpha, be
     base = tl.load(meta_ptr + 2 * nt + t)
     addr = tl.load(meta_ptr + t)
     d = _typed(addr, DTYPE) + start                            # int64 scalar offset: no 32-bit overflow
-    if MODE == 1 or MODE == 2:
+    if MODE == _MASTER_UPDATE or MODE == _MASTER_VIEW:
         maddr = tl.load(meta_ptr + 3 * nt + t)
         mp = maddr.to(tl.pointer_type(tl.float32)) + start
+    elif MODE == _OUT:
+        maddr = tl.load(meta_ptr + 3 * nt + t)
+        mp = _typed(maddr, DTYPE) + start                      # the source: read, never written
     else:
         maddr = addr
-        mp = d  # unused; keeps one code path (never dereferenced for modes 0 and 3)
+        mp = d  # unused; keeps one code path (never dereferenced by the modes without a master)
     j = tl.arange(0, CHUNK)                                    # int32 offsets within the chunk
-    if ALIGNED:
+    if DIST == _SIGN:
+        # 128 elements per Philox call, any base: the row layout of stream_bits handles the offset
+        z = 1.0 - 2.0 * stream_bits(base + start, seed_lo, seed_hi, CHUNK // _SIGN_GROUP, _SIGN_GROUP, 1
+                                    ).to(tl.float32)
+    elif ALIGNED:
         # One Philox call per 4 elements; interleave the 4 normals into element order.
         k = ((base + start) >> 2) + tl.arange(0, CHUNK // 4)
         n0, n1, n2, n3 = randn4x_counters(k, seed_lo, seed_hi)
         z = interleave4(n0, n1, n2, n3, CHUNK)
     else:
+        tl.static_assert(DIST == _GAUSSIAN, "distribution without an implementation")
         # Any base (sharded explicit bases): one Philox call per element, lane picked per element.
         z = randn_at(base + start + j, seed_lo, seed_hi)
+    if MODE == _AXPBY_SR and DTYPE != _FLOAT32:
+        r = stream_bits(base + start, sr_lo, sr_hi, CHUNK // _SR_GROUP, _SR_GROUP, 16)
+    else:
+        r = j  # unused
     if start + CHUNK <= numel:
         # Addresses come from a table, so the compiler cannot know their alignment and would emit scalar accesses.
         # When both buffers are 16-byte aligned (the usual case: the caching allocator aligns storages; only views
         # with odd storage offsets are not) say so: each thread's 4 consecutive elements become one vector access
         # (checked in sm_90 PTX: ld/st.global.v4.b32). Starts are multiples of CHUNK, so d + j keeps that alignment.
         if ALIGNED and ((addr | maddr) & 15) == 0:
-            _update(tl.multiple_of(d + j, 16), tl.multiple_of(mp + j, 16), z, None, alpha, beta, gamma, MODE, DTYPE,
-                    False)
+            _update(tl.multiple_of(d + j, 16), tl.multiple_of(mp + j, 16), z, r, None, alpha, beta, gamma, MODE,
+                    DTYPE, False)
         else:
-            _update(d + j, mp + j, z, None, alpha, beta, gamma, MODE, DTYPE, False)
+            _update(d + j, mp + j, z, r, None, alpha, beta, gamma, MODE, DTYPE, False)
     else:
-        _update(d + j, mp + j, z, j < numel - start, alpha, beta, gamma, MODE, DTYPE, True)
+        _update(d + j, mp + j, z, r, j < numel - start, alpha, beta, gamma, MODE, DTYPE, True)
 
 
 def _interpreted() -> bool:
     """Were our kernels decorated in interpreter mode? (TRITON_INTERPRET is read at @triton.jit time.)"""
-    return type(_axpby_kernel).__name__ == "InterpretedFunction"
+    return _compat.triton_interpreting(_axpby_kernel)
 
 
 def _version() -> tuple[int, int]:
@@ -187,16 +202,21 @@ def available(device: torch.device | str) -> str | None:
 
 
 def launch(meta: torch.Tensor, chunks: torch.Tensor, num_tensors: int, num_chunks: int, dtype: torch.dtype,
-           mode: int, seed: int, alpha: float, beta: float, gamma: float, aligned: bool) -> None:
+           mode: int, seed: int, alpha: float, beta: float, gamma: float, aligned: bool, dist: int = 0) -> None:
     """Run ``mode`` on every chunk of a group plan in one launch (in place; asynchronous on CUDA).
 
     meta: int64 [4, num_tensors], chunks: int64 [num_chunks, 2] built for chunk size ``CHUNK``, both C-contiguous on
     the tensors' device. dtype: float32/float16/bfloat16 (the tensors' dtype). seed: uint64 or negative int64.
-    aligned: True only if every base is a multiple of 4 (selects the fast path; False is correct for any base)."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"unsupported dtype {dtype}; expected float32, float16 or bfloat16")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode}")
+    aligned: True only if every base is a multiple of 4 (selects the fast path; False is correct for any base).
+    dist: a ``rng.Distribution`` code (0 gaussian, 1 rademacher signs)."""
+    if dtype not in rng.DTYPE_CODES:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, rng.DTYPE_CODES))}")
+    if isinstance(mode, bool) or mode not in set(rng.KernelMode):
+        codes = ", ".join(f"{m.name}={int(m)}" for m in rng.KernelMode)
+        raise ValueError(f"mode must be a kernel mode code ({codes}), got {mode!r}")
+    if isinstance(dist, bool) or dist not in set(rng.Distribution):
+        codes = ", ".join(f"{d.name}={int(d)}" for d in rng.Distribution)
+        raise ValueError(f"dist must be a distribution code ({codes}), got {dist!r}")
     if meta.dtype != torch.int64 or tuple(meta.shape) != (4, num_tensors) or not meta.is_contiguous():
         raise ValueError(f"meta must be a contiguous int64 [4, {num_tensors}] tensor, got {meta.dtype} "
                          f"{tuple(meta.shape)}")
@@ -211,9 +231,11 @@ def launch(meta: torch.Tensor, chunks: torch.Tensor, num_tensors: int, num_chunk
     if num_chunks == 0:
         return
     lo, hi = seed_words(seed)
+    sr_lo, sr_hi = seed_words(rng.sr_seed(seed))
     kernel = _axpby_kernel[(num_chunks,)]
-    args = (meta, chunks, num_tensors, lo, hi, float(alpha), float(beta), float(gamma))
-    consts = dict(MODE=mode, DTYPE=_DTYPES[dtype], ALIGNED=bool(aligned), CHUNK=CHUNK, num_warps=NUM_WARPS)
+    args = (meta, chunks, num_tensors, lo, hi, sr_lo, sr_hi, float(alpha), float(beta), float(gamma))
+    consts = dict(MODE=int(mode), DTYPE=int(rng.DTYPE_CODES[dtype]), DIST=int(dist), ALIGNED=bool(aligned),
+                  CHUNK=CHUNK, num_warps=NUM_WARPS)
     if meta.device.type == "cuda":
         with torch.cuda.device(meta.device):  # Triton launches on the current device's current stream
             kernel(*args, **consts)

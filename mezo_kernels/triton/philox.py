@@ -7,6 +7,9 @@ The formulas are the same as Triton's ``random.py`` (``philox_impl``, ``uint_to_
 
 Also two tiny private kernels used by the tests, and their Python wrappers:
 ``philox_words`` (uint32 words for any counters) and ``randn4x`` (normals for a counter range).
+
+Every constant comes from the spec module (``mezo_kernels.rng``) as a ``tl.constexpr`` global, the only form of
+global that ``@triton.jit`` code may read.
 """
 from __future__ import annotations
 
@@ -16,7 +19,17 @@ import triton.language as tl
 
 from .. import rng
 
-__all__ = ["philox4x32_10", "uniform", "randn4x_counters", "randn_at", "seed_words", "philox_words", "randn4x"]
+__all__ = ["philox4x32_10", "uniform", "randn4x_counters", "randn_at", "stream_bits", "seed_words", "philox_words",
+           "randn4x", "bits"]
+
+_PHILOX_M0 = tl.constexpr(rng.PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(rng.PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(rng.PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(rng.PHILOX_W1)
+_PHILOX_ROUNDS = tl.constexpr(rng.PHILOX_ROUNDS)
+_UNIFORM_SCALE = tl.constexpr(rng.UNIFORM_SCALE)    # an exact fp32 value: the multiply's operand, unrounded
+_TWO_PI = tl.constexpr(rng.TWO_PI_F32)
+_U_MIN = tl.constexpr(rng.U_MIN_F32)
 
 
 @triton.jit
@@ -24,18 +37,18 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Ten Philox rounds on uint32 tensors (c*) with uint32 key scalars/tensors (k*). Returns 4 uint32 words."""
     # Wrap-around is the point, so tl.mul/tl.add with sanitize_overflow=False: with debug=True Triton would
     # otherwise insert overflow asserts on these uint32 ops (this is what Triton's own philox_impl does).
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(_PHILOX_ROUNDS):
         # hi and lo of each 64-bit product: umulhi for the high half, wrapping uint32 multiply for the low.
-        hi0 = tl.umulhi(c2, 0xCD9E8D57)
-        lo0 = tl.mul(c2, 0xCD9E8D57, sanitize_overflow=False)
-        hi1 = tl.umulhi(c0, 0xD2511F53)
-        lo1 = tl.mul(c0, 0xD2511F53, sanitize_overflow=False)
+        hi0 = tl.umulhi(c2, _PHILOX_M1)
+        lo0 = tl.mul(c2, _PHILOX_M1, sanitize_overflow=False)
+        hi1 = tl.umulhi(c0, _PHILOX_M0)
+        lo1 = tl.mul(c0, _PHILOX_M0, sanitize_overflow=False)
         c0 = hi0 ^ c1 ^ k0
         c1 = lo0
         c2 = hi1 ^ c3 ^ k1
         c3 = lo1
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 
@@ -44,8 +57,7 @@ def uniform(w):
     """uint32 word -> fp32 in [0, 1 - 2**-24]: x = int32(w), ~x if negative, then one fp32 multiply."""
     x = w.to(tl.int32, bitcast=True)
     x = tl.where(x < 0, ~x, x)
-    # 4.6566127342e-10 rounds to the fp32 with bits 0x2FFFFFFF (the spec's scale, Triton's constant).
-    return x.to(tl.float32) * 4.6566127342e-10
+    return x.to(tl.float32) * _UNIFORM_SCALE
 
 
 @triton.jit
@@ -68,10 +80,10 @@ def _words(k, seed_lo, seed_hi):
 def randn4x_counters(k, seed_lo, seed_hi):
     """The four fp32 normals (n0, n1, n2, n3) of each int64 counter index in k: z[4k + j] = n_j."""
     w0, w1, w2, w3 = _words(k, seed_lo, seed_hi)
-    u1 = tl.maximum(uniform(w0), 1.0e-7)
-    u2 = tl.maximum(uniform(w2), 1.0e-7)
-    th1 = uniform(w1) * 6.2831855
-    th2 = uniform(w3) * 6.2831855
+    u1 = tl.maximum(uniform(w0), _U_MIN)
+    u2 = tl.maximum(uniform(w2), _U_MIN)
+    th1 = uniform(w1) * _TWO_PI
+    th2 = uniform(w3) * _TWO_PI
     r1 = tl.sqrt(-2.0 * tl.log(u1))
     r2 = tl.sqrt(-2.0 * tl.log(u2))
     return r1 * tl.cos(th1), r1 * tl.sin(th1), r2 * tl.cos(th2), r2 * tl.sin(th2)
@@ -86,10 +98,36 @@ def randn_at(g, seed_lo, seed_hi):
     w0, w1, w2, w3 = _words(g >> 2, seed_lo, seed_hi)
     lane = g & 3
     first = lane < 2
-    u = tl.maximum(uniform(tl.where(first, w0, w2)), 1.0e-7)
-    th = uniform(tl.where(first, w1, w3)) * 6.2831855
+    u = tl.maximum(uniform(tl.where(first, w0, w2)), _U_MIN)
+    th = uniform(tl.where(first, w1, w3)) * _TWO_PI
     r = tl.sqrt(-2.0 * tl.log(u))
     return tl.where((lane & 1) == 0, r * tl.cos(th), r * tl.sin(th))
+
+
+@triton.jit
+def stream_bits(g0, seed_lo, seed_hi, ROWS: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
+    """uint32 [ROWS * GROUP]: the BITS random bits of global indices g0 + e (int64 g0 >= 0), in element order.
+
+    Index g reads counter g // GROUP at bit (g % GROUP) * BITS of the words w0..w3 as one 128-bit string (the
+    sign stream: GROUP 128, BITS 1; the rounding bits: GROUP 8, BITS 16). Row r holds g0 + r*GROUP .. + GROUP - 1,
+    which straddle at most two counters, k = g0 // GROUP + r and k + 1: two Philox calls per GROUP elements for any
+    g0, with no gather (the word is picked by selects on the [ROWS, GROUP] grid)."""
+    o = (g0 % GROUP).to(tl.int32)
+    ka = g0 // GROUP + tl.arange(0, ROWS).to(tl.int64)
+    a0, a1, a2, a3 = _words(ka, seed_lo, seed_hi)
+    b0, b1, b2, b3 = _words(ka + 1, seed_lo, seed_hi)
+    jj = o + tl.arange(0, GROUP)
+    use_b = (jj >= GROUP)[None, :]
+    pos = (jj % GROUP) * BITS                 # bit position in the 128-bit string of the row's counter
+    widx = (pos >> 5)[None, :]
+    shift = (pos & 31).to(tl.uint32)[None, :]
+    wa = tl.where(widx == 0, a0[:, None], tl.where(widx == 1, a1[:, None], tl.where(widx == 2, a2[:, None],
+                                                                                       a3[:, None])))
+    wb = tl.where(widx == 0, b0[:, None], tl.where(widx == 1, b1[:, None], tl.where(widx == 2, b2[:, None],
+                                                                                       b3[:, None])))
+    w = tl.where(use_b, wb, wa)
+    out = (w >> shift) & ((1 << BITS) - 1)
+    return tl.reshape(out, [ROWS * GROUP])
 
 
 @triton.jit
@@ -131,13 +169,21 @@ def _randn4x_kernel(out_ptr, seed_lo, seed_hi, k_start, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + e, z, mask=e < 4 * n)
 
 
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "g_start"])
+def _bits_kernel(out_ptr, seed_lo, seed_hi, g_start, n, GROUP: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """out: int64 [n]; out[e] = the BITS stream bits of global index g_start + e."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = stream_bits(g_start.to(tl.int64) + tl.program_id(0) * BLOCK, seed_lo, seed_hi, BLOCK // GROUP, GROUP, BITS)
+    tl.store(out_ptr + e, b.to(tl.int64), mask=e < n)
+
+
 def seed_words(seed: int) -> tuple[int, int]:
     """uint64 (or negative int64) seed -> (lo, hi) as *signed* int32 Python ints.
 
     Triton types an int argument by its value (int32 / uint32 / int64); always passing signed int32 keeps one
     signature for every seed, so with do_not_specialize a new seed never recompiles."""
-    seed = rng.check_seed(seed)
-    lo, hi = seed & 0xFFFFFFFF, seed >> 32
+    lo, hi = rng.split_seed(seed)
     return lo - (1 << 32) * (lo >> 31), hi - (1 << 32) * (hi >> 31)
 
 
@@ -157,4 +203,13 @@ def randn4x(seed: int, k_start: int, n: int, device: torch.device | str = "cpu")
     lo, hi = seed_words(seed)
     block = 1024
     _randn4x_kernel[(triton.cdiv(4 * n, block),)](out, lo, hi, k_start, n, BLOCK=block)
+    return out
+
+
+def bits(seed: int, g_start: int, n: int, group: int, nbits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [n]: ``stream_bits`` of global indices g_start .. g_start + n - 1 (``rng_bits.stream_bits``). Test helper."""
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    lo, hi = seed_words(seed)
+    block = 1024
+    _bits_kernel[(triton.cdiv(n, block),)](out, lo, hi, g_start, n, GROUP=group, BITS=nbits, BLOCK=block)
     return out
