@@ -37,30 +37,35 @@ def _setup(a):
     return model, objectives.CausalLMObjective(tok, task, engine=engine), batch
 
 
-def _methods(model, obj, batch, n):
+def _methods(model, obj, batch, n, max_rows=None, virtual=True):
     params = models.trainable_parameters(model)
     closure = lambda: obj(model, batch).loss.item()       # noqa: E731
     out = {}
     opt_in = MeZO(params, lr=1e-6, eps=1e-3, n_directions=n, perturb="inplace")
     out["seq-inplace"] = lambda: opt_in.step(closure)
+    opt_v = None
     try:
+        if not virtual:
+            raise ValueError("not asked for")
         opt_v = MeZO(params, lr=1e-6, eps=1e-3, n_directions=n, perturb="virtual", model=model)
         out["seq-virtual"] = lambda: opt_v.step(closure)
     except (TypeError, ValueError):
-        opt_v = None
+        pass
     sets = (opt_v or opt_in).param_sets
     step = [0]
 
-    def batched():
+    def batched(rows):
         seeds = [opt_in.seed_for(step[0], j) for j in range(n)]
-        grads = pm_grads(batched_pm_losses(model, obj, batch, seeds, 1e-3, sets), 1e-3)
+        grads = pm_grads(batched_pm_losses(model, obj, batch, seeds, 1e-3, sets, max_rows=rows), 1e-3)
         valid = [(s, g) for s, (g, skip) in zip(seeds, grads) if skip is None]
         for s, g in valid:
             for ps in sets:
                 ps.update_(s, 1e-6, g / len(valid))
         step[0] += 1
 
-    out["batched"] = batched
+    out["batched"] = lambda: batched(None)
+    if max_rows:
+        out[f"batched-max{max_rows}"] = lambda: batched(max_rows)
     return out
 
 
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-layer", type=int, default=0)
     ap.add_argument("--engine", choices=("reuse", "plain"), default="reuse")
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--max-rows", type=int, help="also time the batched step in forwards of at most this many rows")
+    ap.add_argument("--no-virtual", action="store_true", help="skip seq-virtual")
     ap.add_argument("--reps", type=int, nargs="+", default=[5], help="timed steps per n (one value: every n)")
     a = ap.parse_args(argv)
     reps = dict(zip(a.n, a.reps * len(a.n) if len(a.reps) == 1 else a.reps))
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
               f"(losses {min(seq):.4f}..{max(seq):.4f})", flush=True)
         fwd = lambda: obj(model, batch)                   # noqa: E731
         for n in a.n:
-            methods = {"forward": fwd, **_methods(model, obj, batch, n)}
+            methods = {"forward": fwd, **_methods(model, obj, batch, n, a.max_rows, not a.no_virtual)}
             times: dict[str, list[float]] = {k: [] for k in methods}
             for rep in range(reps[n] + 1):
                 for name, f in methods.items():
@@ -106,8 +113,9 @@ def main(argv=None) -> int:
                 print(f"n={n} {k:12s} median {med[k]:.3f} s [{min(v):.3f}..{max(v):.3f}]  "
                       f"= {med[k] / med['forward']:.2f} forwards", flush=True)
             for k in ("seq-inplace", "seq-virtual"):
-                if k in med:
-                    print(f"n={n} batched / {k} = {med['batched'] / med[k]:.3f}", flush=True)
+                for b in [m for m in med if m.startswith("batched")]:
+                    if k in med:
+                        print(f"n={n} {b} / {k} = {med[b] / med[k]:.3f}", flush=True)
     return 0
 
 

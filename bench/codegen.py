@@ -165,13 +165,13 @@ def triton_report(arch: int, which: str = "all", jobs: int = 2) -> dict[str, dic
                                                   info["mode"])}
     with ThreadPoolExecutor(jobs) as ex:
         res = dict(ex.map(one, sorted(glob.glob(os.path.join(out, "*.json")))))
-    _write_json(done, res)
+    _write_json(done, res, sort_keys=False)   # a signature's key order is the kernel's parameter order
     return res
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj, sort_keys: bool = True) -> None:
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=sort_keys)
         f.write("\n")
     os.replace(path + ".tmp", path)
 

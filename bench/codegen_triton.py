@@ -21,17 +21,16 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 def _specialize(fn, args: tuple, kwargs: dict):
     """(signature, constexprs, attrs, options) for ``fn(*args, **kwargs)`` as Triton's JIT specializes a call.
 
-    Version-dependent: ``native_specialize_impl`` is what the JIT itself calls (Triton 3.6 and 3.9)."""
+    The per-argument rule is Triton's own, behind ``_compat.triton_specialize``."""
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
+    from mezo_kernels._compat import triton_specialize
     sig, consts, attrs = {}, {}, {}
     bound = dict(zip(fn.arg_names, args))
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             sig[p.name], consts[(i,)] = "constexpr", kwargs[p.name]
             continue
-        ty, key = native_specialize_impl(BaseBackend, bound[p.name], False, not p.do_not_specialize,
-                                         not p.do_not_specialize_on_alignment)
+        ty, key = triton_specialize(bound[p.name], not p.do_not_specialize, not p.do_not_specialize_on_alignment)
         sig[p.name] = ty
         if ty == "constexpr":
             consts[(i,)] = key

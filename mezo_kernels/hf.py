@@ -12,6 +12,17 @@ Only two hooks of the Trainer change; its loop, scheduler, logging, evaluation, 
 Checkpoints carry the optimizer's state dict (replay log, config, fp32 masters), so a resumed run ends bit-identical
 to an uninterrupted one. Logs gain ``projected_grad`` (mean g since the last log), ``zero_grad_rate`` and ``skipped``
 (steps whose losses were not finite, weights unchanged).
+
+Prompt objectives (``objectives.CausalLMObjective`` / ``MaskedLMObjective``, called on batches of
+:class:`~mezo_kernels.data.Example`) plug in without touching ``compute_loss``: wrap the model in
+:class:`ObjectiveModel` (its forward takes ``examples=`` and returns ``{"loss", "logits"}``, which the Trainer's
+own ``compute_loss`` reads) and pass ``data_collator=collate_examples``; a list of Examples is then a train
+dataset. :class:`StepBatches` lays out the CLI trainer's batches (``trainer.batch_for``) in its order, so a
+``MeZOTrainer`` run with ``train_sampling_strategy="sequential"`` sees the same data as ``mezo-kernels train``
+with the same seed (the same weights, bit for bit, on the same backend)::
+
+    trainer = MeZOTrainer(model=ObjectiveModel(peft_model, objective), args=args, data_collator=collate_examples,
+                          train_dataset=StepBatches(splits.train, seed=0, batch_size=16, steps=100), eps=1e-2)
 """
 from __future__ import annotations
 
@@ -29,7 +40,8 @@ except ImportError as e:   # without the hf extra: say which extra to install
 
 from .optim import MeZO, StepResult
 
-__all__ = ["MeZOTrainer", "MeZOTrainerMixin", "MeZOSFTTrainer", "TrainerMeZO"]
+__all__ = ["MeZOTrainer", "MeZOTrainerMixin", "MeZOSFTTrainer", "TrainerMeZO", "ObjectiveModel",
+           "collate_examples", "StepBatches"]
 
 
 class TrainerMeZO(MeZO):
@@ -168,6 +180,54 @@ class MeZOTrainerMixin:
 class MeZOTrainer(MeZOTrainerMixin, transformers.Trainer):
     """``transformers.Trainer`` that trains with MeZO: same arguments, plus ``eps``, ``n_directions``,
     ``mezo_seed``, ``backend``, ``exact_restore``. See the module docstring for what changes."""
+
+
+class ObjectiveModel(torch.nn.Module):
+    """``model`` scored by a prompt ``objective``, as a module the Trainer can call: ``forward(examples)`` with
+    ``examples`` a list of B :class:`~mezo_kernels.data.Example` returns ``{"loss": scalar float32,
+    "logits": [B, C] float32 class scores}`` from ``objective(model, examples)``. ``model`` (e.g. the peft model)
+    is a submodule, so the Trainer trains its parameters; save it, not the wrapper, with ``save_pretrained``."""
+
+    def __init__(self, model: torch.nn.Module, objective) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(objective):
+            raise TypeError(f"objective must be callable as objective(model, examples), got {objective!r}")
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, examples) -> dict:
+        out = self.objective(self.model, examples)
+        return {"loss": out.loss, "logits": out.logits}
+
+
+def collate_examples(features) -> dict:
+    """The Trainer's batch of :class:`ObjectiveModel`: ``{"examples": list(features)}`` (no tokenizing: the
+    objective encodes its batch itself)."""
+    return {"examples": list(features)}
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The examples of ``trainer.batch_for(train, step, seed, batch_size)`` for ``step = 0 .. steps-1``, one
+    after the other (``steps * batch_size`` items): with ``per_device_train_batch_size=batch_size``,
+    ``max_steps=steps`` and ``train_sampling_strategy="sequential"`` the Trainer's step t gets the CLI trainer's
+    batch t. Needs ``len(train) >= batch_size`` (else the CLI's batches are smaller than the Trainer's)."""
+
+    def __init__(self, train, seed: int, batch_size: int, steps: int) -> None:
+        for name, v in (("batch_size", batch_size), ("steps", steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if len(train) < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {len(train)} training examples: "
+                             "the CLI would draw smaller batches, which a fixed Trainer batch size cannot follow")
+        from .trainer import batch_for
+        self.items = [e for step in range(steps) for e in batch_for(list(train), step, seed, batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
 
 
 def __getattr__(name: str):

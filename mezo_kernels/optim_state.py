@@ -67,10 +67,12 @@ class ReplayState:
             cfg["no_decay"] = list(self._no_decay_names)
         if self._groups_cfg is not None:
             cfg["groups"] = [dict(g) for g in self._groups_cfg]
-        mode = {"perturb": self.perturb, "distribution": self.distribution, "rounding": self.rounding}
-        default = seedlog.modes({"perturb": self.perturb} if self.perturb != "inplace" else {})
-        cfg.update({k: v for k, v in mode.items() if k == "perturb" and v != "inplace" or k != "perturb" and
-                    v != default[k]})
+        default = seedlog.modes({"perturb": self.perturb})      # the rounding's default depends on the mode
+        if self.perturb != "inplace":
+            cfg["perturb"] = self.perturb
+        for k in ("distribution", "rounding"):
+            if getattr(self, k) != default[k]:
+                cfg[k] = getattr(self, k)
         return cfg
 
     def state_dict(self) -> dict:

@@ -23,6 +23,7 @@ see theta, not the perturbation: ``unreached`` names the tensors no forward mate
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from .perturb import ParamSet
 from .virtual_slices import perturbed_rows, sliced_forward
 
 __all__ = ["VirtualPerturbation"]
+_ALIGN = 64                                     # bytes: each arena buffer starts on a cache line
 
 
 class VirtualPerturbation:
@@ -43,7 +45,7 @@ class VirtualPerturbation:
             in it; ValueError naming the first one that is not).
         param_sets: the ``ParamSet`` objects whose tensors are perturbed (their bases and distribution give z).
         slice_bytes: an ``nn.Linear`` weight larger than this (bytes) is materialised in blocks of output rows of
-            at most this size; an ``nn.Embedding`` (without ``max_norm``) always gathers its tokens' rows (module
+            half this size; an ``nn.Embedding`` (without ``max_norm``) always gathers its tokens' rows (module
             docstring). None: every tensor whole.
 
     Attributes (statistics): ``copies`` (materialisations so far), ``live_bytes`` (transient buffers alive now),
@@ -82,6 +84,8 @@ class VirtualPerturbation:
             raise ValueError(f"{len(missing)} trainable tensor(s) are not parameters of any module of the model "
                              f"(first: {missing[0]}); virtual perturbation swaps them inside their module's "
                              "forward, so pass model= the module tree that owns them (or perturb='inplace')")
+        self._arena: torch.Tensor | None = None              # transient buffers of one block (see _alloc)
+        self._arena_need, self._top, self._marks = 0, 0, []
         # owners whose large weight goes in slices: their forward is replaced during a block instead of hooked
         self._sliced: list[tuple[nn.Module, Callable]] = []
         for module, own in self._owners:
@@ -91,9 +95,16 @@ class VirtualPerturbation:
         sliced = {id(m) for m, _ in self._sliced}
         self._hooked = [(m, own) for m, own in self._owners if id(m) not in sliced]
         self._by_id = {id(m): own for m, own in self._hooked}   # the modules are alive as long as the model
+        # the arena holds any module's buffers up to half of slice_bytes: the few larger ones (an LM head below
+        # the slicing threshold) are allocated only while their module runs, so the arena never holds them
+        cap = (slice_bytes or 0) // 2
+        for _, own in self._hooked:
+            need = sum(_aligned(self.param_sets[si].tensors[ti]) for _, si, ti in own)
+            if need <= cap:
+                self._arena_need = max(self._arena_need, need)
         self._active: tuple[int, float] | None = None
         self._depth: dict[int, int] = {}                      # id(module) -> nesting depth of its forward
-        self._swapped: dict[tuple[int, str], tuple[nn.Module, torch.Tensor, int]] = {}
+        self._swapped: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}
         self._reached: set[tuple[int, int]] = set()
         self.copies = 0
         self.live_bytes = 0
@@ -141,7 +152,7 @@ class VirtualPerturbation:
                 for module in installed:
                     del module.forward
                 self._put_back_all()
-                self.live_bytes = 0                   # a slice in flight when a forward raised is gone too
+                self.live_bytes, self._top, self._marks, self._arena = 0, 0, [], None   # the arena lives per block
                 self._active = None
                 self._depth.clear()
                 self.unreached = [self.param_sets[si].names[ti] for si, ps in enumerate(self.param_sets)
@@ -163,28 +174,48 @@ class VirtualPerturbation:
 
         def weight(rows):
             seed, offset = self._active
-            buf = perturbed_rows(self.param_sets[si], seed, offset, ti, rows)
-            self._track(buf.numel() * buf.element_size())
+            out = self._alloc((len(rows), theta.shape[1]), theta)
             self._reached.add((si, ti))
-            return buf
+            return perturbed_rows(self.param_sets[si], seed, offset, ti, rows, out=out)
 
         def bias():
             if "bias" not in hit:
                 return module.bias
             bsi, bti = hit["bias"]
             self._reached.add((bsi, bti))
-            buf = self.param_sets[bsi].perturbed_copy(*self._active, bti)
-            self._track(buf.numel() * buf.element_size())
-            return buf
+            b = self.param_sets[bsi].tensors[bti]
+            return self.param_sets[bsi].perturbed_copy(*self._active, bti, out=self._alloc(b.shape, b))
 
-        def done(buf):
-            self.live_bytes -= buf.numel() * buf.element_size()
-        return sliced_forward(module, weight, done, bias, max(1, slice_bytes // row_bytes))
+        block = max(1, slice_bytes // 2 // row_bytes)
+        self._arena_need = max(self._arena_need, block * row_bytes + 2 * _ALIGN + sum(
+            self.param_sets[s_].tensors[t_].numel() * theta.element_size() for n_, s_, t_ in own if n_ != "weight"))
+        return sliced_forward(module, weight, lambda buf: self._free(), bias, block)
 
-    def _track(self, nbytes: int) -> None:
+    # ------------------------------------------------------------------------------------------- transient memory
+    def _alloc(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """A transient buffer of ``shape`` and ``like``'s dtype/device: the next free stretch of the block's arena
+        (one allocation per block, so no page faults per module), or a fresh tensor when the arena is full (nested
+        owners) or autograd may keep the buffer (grad mode). Buffers are freed last-in first-out (:meth:`_free`),
+        as module calls nest."""
+        n = math.prod(shape) * like.element_size()
+        start = self._top
+        if not torch.is_grad_enabled() and start + n <= self._arena_need:
+            if self._arena is None or self._arena.device != like.device:
+                self._arena = torch.empty(self._arena_need, dtype=torch.uint8, device=like.device)
+            buf = self._arena[start:start + n].view(like.dtype).view(shape)
+            self._top = start + -(-n // _ALIGN) * _ALIGN
+        else:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self._marks.append((start, n))
         self.copies += 1
-        self.live_bytes += nbytes
+        self.live_bytes += n
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return buf
+
+    def _free(self) -> None:
+        start, n = self._marks.pop()
+        self._top = start
+        self.live_bytes -= n
 
     # ------------------------------------------------------------------------------------------- the hooks
     def _entries(self, module: nn.Module) -> list[tuple[str, int, int]]:
@@ -198,28 +229,44 @@ class VirtualPerturbation:
             return
         seed, offset = self._active
         for name, si, ti in self._entries(module):
-            buf = self.param_sets[si].perturbed_copy(seed, offset, ti)
-            nbytes = buf.numel() * buf.element_size()
-            self._swapped[(mid, name)] = (module, _compat.swap_parameter(module, name, buf), nbytes)
-            self._track(nbytes)
+            theta = self.param_sets[si].tensors[ti]
+            buf = self.param_sets[si].perturbed_copy(seed, offset, ti, out=self._alloc(theta.shape, theta))
+            self._swapped[(mid, name)] = (module, _compat.swap_parameter(module, name, buf))
             self._reached.add((si, ti))
 
-    def _post(self, module: nn.Module, args, output) -> None:
+    def _post(self, module: nn.Module, args, output):
         mid = id(module)
         depth = self._depth.get(mid, 1) - 1
         self._depth[mid] = depth
         if depth > 0:
-            return
+            return None
         for name, _, _ in self._entries(module):
             self._put_back(mid, name)
+        # an output that is a view of its weight (a module returning a parameter slice) would be overwritten by
+        # the next module's buffer: hand out a copy instead
+        if self._arena is not None and _in(output, self._arena):
+            return output.clone() if isinstance(output, torch.Tensor) else type(output)(
+                o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+        return None
 
     def _put_back(self, mid: int, name: str) -> None:
         entry = self._swapped.pop((mid, name), None)
         if entry is not None:
-            module, theta, nbytes = entry
+            module, theta = entry
             _compat.swap_parameter(module, name, theta)
-            self.live_bytes -= nbytes
+            self._free()
 
     def _put_back_all(self) -> None:
         for mid, name in list(self._swapped):
             self._put_back(mid, name)
+
+
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+
+
+def _in(output, arena: torch.Tensor) -> bool:
+    """Whether ``output`` (a tensor, or a tuple/list holding tensors) lives in ``arena``'s storage."""
+    ptr = arena.untyped_storage().data_ptr()
+    outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, (tuple, list)) else []
+    return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for o in outs)

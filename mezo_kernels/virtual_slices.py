@@ -34,9 +34,11 @@ def _out_backend(ps: ParamSet):
         return _bk.resolve("auto", ps.device, (KernelMode.OUT,), dist)
 
 
-def perturbed_rows(ps: ParamSet, seed: int, offset: float, index: int, rows: torch.Tensor | range) -> torch.Tensor:
+def perturbed_rows(ps: ParamSet, seed: int, offset: float, index: int, rows: torch.Tensor | range,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``rows`` (a range, or a 1-d int tensor of row indices) of tensor ``index`` of ``ps`` (2-d, contiguous)
-    as ``round(theta + offset*z(seed))``: a new [len(rows), C] tensor of theta's dtype. theta is not written."""
+    as ``round(theta + offset*z(seed))`` in ``out`` (contiguous [len(rows), C] of theta's dtype; None: a new one),
+    which is returned. theta is not written."""
     theta = ps.tensors[index].detach()
     if theta.dim() != 2 or not theta.is_contiguous():
         raise ValueError(f"{ps.names[index]}: row slices need a contiguous 2-d tensor, got shape "
@@ -44,14 +46,14 @@ def perturbed_rows(ps: ParamSet, seed: int, offset: float, index: int, rows: tor
     cols, base = theta.shape[1], ps.bases[index]
     if isinstance(rows, range):
         r0, n = rows.start, len(rows)
-        out = torch.empty(n, cols, dtype=theta.dtype, device=theta.device)
+        out = torch.empty(n, cols, dtype=theta.dtype, device=theta.device) if out is None else out
         if n:
             g = _Group([out.view(-1)], [base + r0 * cols], None, sources=[theta[r0:r0 + n].reshape(-1)])
             _out_backend(ps).launch(g, int(seed), 1.0, float(offset), 0.0, KernelMode.OUT,
                                     rng.distribution_code(ps.distribution))
         return out
     idx = [int(r) for r in rows.tolist()]
-    out = torch.empty(len(idx), cols, dtype=theta.dtype, device=theta.device)
+    out = torch.empty(len(idx), cols, dtype=theta.dtype, device=theta.device) if out is None else out
     if idx:
         g = _Group([out[i] for i in range(len(idx))], [base + r * cols for r in idx], None,
                    sources=[theta[r] for r in idx])

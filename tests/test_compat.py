@@ -226,3 +226,18 @@ def test_triton_interpreting_follows_the_env_at_decoration(monkeypatch, interpre
         pass
 
     assert _compat.triton_interpreting(_noop_kernel) is (interpret == "1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_specialize_types_and_keys():
+    """The ahead-of-time compile tests build kernel signatures from this: ints specialize on 1 and 16-divisibility
+    unless told not to, 64-bit ints are i64, and a pointer-like tensor is typed by its dtype."""
+    assert _compat.triton_specialize(7, True, True)[0] == "i32"
+    assert _compat.triton_specialize(2**40, True, True)[0] == "i64"
+    assert _compat.triton_specialize(1, True, True)[0] == "constexpr"       # value 1 is folded in
+    assert _compat.triton_specialize(1, False, True)[0] == "i32"            # unless do_not_specialize
+    ty16, key16 = _compat.triton_specialize(32, True, True)
+    ty7, key7 = _compat.triton_specialize(7, True, True)
+    assert ty16 == ty7 == "i32" and key16 != key7                           # divisible by 16 vs not
+    t = torch.zeros(8, dtype=torch.bfloat16)
+    assert _compat.triton_specialize(t, True, True)[0] == "*bf16"

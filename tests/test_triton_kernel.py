@@ -314,7 +314,7 @@ def test_unaligned_explicit_bases(dtype, mode):
 
 
 def test_aligned_and_per_element_paths_agree():
-    """With aligned bases both paths must be bit-identical (same fp32 ops on the same words)."""
+    """With aligned bases the kernel compiled for an ALIGNED group and the one for any base must give the same bits."""
     bases = rng.default_bases(SIZES)
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(n, generator=gen).to(DEV) for n in SIZES]
@@ -324,6 +324,48 @@ def test_aligned_and_per_element_paths_agree():
         run(ts, bases, torch.float32, AXPBY, aligned=aligned)
         outs.append(ts)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+# A mixed group: bases that are multiples of 4 (A, D) and not (B: o = 1, C: o = 3). B's and C's last chunks have
+# elements past their shifted windows (the per-element tail); every buffer is 16-byte aligned.
+MIXED = ((2 * CHUNK, 0), (2 * CHUNK, 2 * CHUNK + 1), (CHUNK - 1, 4 * CHUNK + 3), (CHUNK, 6 * CHUNK))
+
+
+@pytest.mark.skipif(DEV.type != "cpu", reason="counts the interpreter's calls of the kernel's device functions")
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, FILL), (torch.bfloat16, FILL), (torch.bfloat16, AXPBY_SR),
+                                        (torch.float16, MASTER_UPDATE)], ids=lambda v: getattr(v, "name", str(v)))
+def test_mixed_group_keeps_vector_path_for_aligned_tensors(monkeypatch, dtype, mode):
+    """One launch for the group (aligned=False): the tensors whose base is a multiple of 4 still take the unmasked
+    vector update for each full chunk, the others the masked one, and every element gets the spec's bits."""
+    from mezo_kernels.triton import axpby
+    calls = []
+    original = axpby._update
+
+    def recording(*args):
+        calls.append(bool(args[10]))   # MASKED
+        return original(*args)
+    monkeypatch.setattr(axpby, "_update", recording)
+    gen = torch.Generator().manual_seed(11)
+    init = [torch.randn(n, generator=gen).to(dtype) for n, _ in MIXED]
+    minit = [torch.randn(n, generator=gen) for n, _ in MIXED]
+    d = [x.clone() for x in init]
+    m = [x.clone() for x in minit] if mode.uses_master else None
+    assert all(t.data_ptr() % 16 == 0 for t in d + (m or []))
+    run(d, [b for _, b in MIXED], dtype, mode, masters=m, aligned=False)
+    full_aligned = sum(n // CHUNK for n, b in MIXED if b % 4 == 0)
+    masked = sum(-(-n // CHUNK) + (n % CHUNK == 0 or n % CHUNK > CHUNK - b % 4) for n, b in MIXED if b % 4)
+    assert calls.count(False) == full_aligned and calls.count(True) == masked, calls
+    for i, (n, base) in enumerate(MIXED):
+        z = z_triton(SEED, base, n)
+        if mode == FILL:
+            ref = z.to(dtype)
+        elif mode == AXPBY_SR:
+            ref = rng.stochastic_round(rng.fma_update(init[i], z, ALPHA, BETA), dtype, SEED, base)
+        else:
+            mref = rng.fma_update(minit[i], z, ALPHA, BETA)
+            torch.testing.assert_close(m[i], mref, rtol=1e-6, atol=1e-6)
+            ref = rng.fma_update(m[i], z, 1.0, GAMMA).to(dtype)
+        assert torch.equal(d[i].view(INT_VIEW[dtype]), ref.view(INT_VIEW[dtype])), (mode.name, base)
 
 
 def test_shards_reproduce_unsharded():

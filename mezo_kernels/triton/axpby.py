@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import _compat, rng
-from .philox import interleave4, randn4x_counters, randn_at, seed_words, stream_bits
+from .philox import interleave4, randn4x_counters, randn8_counters, randn_at, seed_words, stream_bits
 from .rounding import round_nearest, sround
 
 __all__ = ["CHUNK", "NUM_WARPS", "launch", "available"]
@@ -121,7 +121,8 @@ def _axpby_kernel(meta_ptr, chunks_ptr, num_tensors, seed_lo, seed_hi, sr_lo, sr
 
     seed_lo/seed_hi: the uint64 seed's 32-bit halves as signed int32 (sr_lo/sr_hi: those of rng.sr_seed(seed),
     read by AXPBY_SR only); alpha/beta/gamma: fp32 scalars. DIST: distribution code.
-    ALIGNED: every base of the group is a multiple of 4 (then so is base + start, starts being multiples of CHUNK)."""
+    ALIGNED: every base of the group is a multiple of 4 (then so is base + start, starts being multiples of CHUNK);
+    when False, each chunk looks at its own tensor's base."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks_ptr + 2 * c)
     start = tl.load(chunks_ptr + 2 * c + 1)
@@ -141,28 +142,90 @@ def _axpby_kernel(meta_ptr, chunks_ptr, num_tensors, seed_lo, seed_hi, sr_lo, sr
         mp = d  # unused; keeps one code path (never dereferenced by the modes without a master)
     j = tl.arange(0, CHUNK)                                    # int32 offsets within the chunk
     if DIST == _SIGN:
-        # 128 elements per Philox call, any base: the row layout of stream_bits handles the offset
+        # 128 elements per Philox call, any base: the row layout of stream_bits handles the offset (so the vector
+        # accesses need only 16-byte aligned buffers, whatever the base)
         z = 1.0 - 2.0 * stream_bits(base + start, seed_lo, seed_hi, CHUNK // _SIGN_GROUP, _SIGN_GROUP, 1
                                     ).to(tl.float32)
-    elif ALIGNED:
-        # One Philox call per 4 elements; interleave the 4 normals into element order.
-        k = ((base + start) >> 2) + tl.arange(0, CHUNK // 4)
+        r = _sr_bits(base + start, sr_lo, sr_hi, j, MODE, DTYPE, CHUNK)
+        _window(d, mp, z, r, start, numel, addr, maddr, alpha, beta, gamma, MODE, DTYPE, CHUNK)
+    else:
+        tl.static_assert(DIST == _GAUSSIAN, "distribution without an implementation")
+        # One Philox call per 4 elements, on a window of CHUNK elements whose global indices start at the multiple
+        # of 4 at or below base + start: window element e is tensor element start - o + e. With o = 0 (every
+        # tensor of an ALIGNED group; per tensor otherwise) the window is the chunk. With o > 0 the windows of a
+        # tensor's chunks still tile it, shifted by -o; its last chunk has up to 3 elements past its window, done
+        # by the per-element path.
+        # Hot path: o = 0, a full chunk, both buffers 16-byte aligned (the usual case: the caching allocator aligns
+        # storages; only views with odd storage offsets are not). Addresses come from a table, so the compiler
+        # cannot know their alignment: saying so (multiple_of, on values made here: a hint on a callee's argument
+        # is lost) turns each thread's consecutive elements into vector accesses. Starts are multiples of CHUNK,
+        # so d + j keeps that alignment.
+        # z is computed inside each branch: the scalar accesses of the cold branch want another register layout,
+        # and a z shared by both branches would be converted to it (through shared memory) on the hot path too.
+        hot = (start + CHUNK <= numel) & (((addr | maddr) & 15) == 0)
+        if ALIGNED:
+            o = 0
+        else:
+            o = base & 3
+            hot = hot & (o == 0)
+        if hot:
+            z = _z_window(base + start, seed_lo, seed_hi, DTYPE, CHUNK)
+            r = _sr_bits(base + start, sr_lo, sr_hi, j, MODE, DTYPE, CHUNK)
+            _update(tl.multiple_of(d + j, 16), tl.multiple_of(mp + j, 16), z, r, None, alpha, beta, gamma, MODE,
+                    DTYPE, False)
+        else:
+            first = start - o
+            z = _z_window(base + first, seed_lo, seed_hi, DTYPE, CHUNK)
+            r = _sr_bits(base + first, sr_lo, sr_hi, j, MODE, DTYPE, CHUNK)
+            # int32 bounds (in [0, CHUNK]): per-element compares in 32 bits
+            lim = tl.minimum(numel - first, CHUNK).to(tl.int32)
+            if ALIGNED:
+                mask = j < lim
+            else:
+                mask = (j >= tl.maximum(-first, 0).to(tl.int32)) & (j < lim)
+            _update(d - o + j, mp - o + j, z, r, mask, alpha, beta, gamma, MODE, DTYPE, True)
+            if not ALIGNED:
+                if (numel - start > CHUNK - o) & (numel - start <= CHUNK):
+                    # the last chunk, 1..3 elements past its window: global indices base + first + CHUNK + e
+                    e = tl.arange(0, _SR_GROUP)
+                    tail = first + CHUNK
+                    zt = randn_at(base + tail + e, seed_lo, seed_hi)
+                    rt = _sr_bits(base + tail, sr_lo, sr_hi, e, MODE, DTYPE, _SR_GROUP)
+                    _update(d - o + CHUNK + e, mp - o + CHUNK + e, zt, rt, tail + e < numel, alpha, beta, gamma,
+                            MODE, DTYPE, True)
+
+
+@triton.jit
+def _z_window(g0, seed_lo, seed_hi, DTYPE: tl.constexpr, CHUNK: tl.constexpr):
+    """fp32 z[g0 : g0 + CHUNK] for int64 g0 a multiple of 4, in the register layout of DTYPE's 16-byte accesses:
+    4 consecutive elements (one counter) per thread for fp32, 8 (two counters) for 16-bit dtypes."""
+    if DTYPE == _FLOAT32:
+        k = (g0 >> 2) + tl.arange(0, CHUNK // 4)
         n0, n1, n2, n3 = randn4x_counters(k, seed_lo, seed_hi)
         z = interleave4(n0, n1, n2, n3, CHUNK)
     else:
-        tl.static_assert(DIST == _GAUSSIAN, "distribution without an implementation")
-        # Any base (sharded explicit bases): one Philox call per element, lane picked per element.
-        z = randn_at(base + start + j, seed_lo, seed_hi)
+        z = randn8_counters((g0 >> 2) + 2 * tl.arange(0, CHUNK // 8), seed_lo, seed_hi)
+    return z
+
+
+@triton.jit
+def _sr_bits(g0, sr_lo, sr_hi, j, MODE: tl.constexpr, DTYPE: tl.constexpr, N: tl.constexpr):
+    """The N rounding bits of global indices g0.. for mode AXPBY_SR on fp16/bf16; j (unused) otherwise."""
     if MODE == _AXPBY_SR and DTYPE != _FLOAT32:
-        r = stream_bits(base + start, sr_lo, sr_hi, CHUNK // _SR_GROUP, _SR_GROUP, 16)
+        r = stream_bits(g0, sr_lo, sr_hi, N // _SR_GROUP, _SR_GROUP, 16)
     else:
-        r = j  # unused
+        r = j
+    return r
+
+
+@triton.jit
+def _window(d, mp, z, r, start, numel, addr, maddr, alpha, beta, gamma, MODE: tl.constexpr, DTYPE: tl.constexpr,
+            CHUNK: tl.constexpr):
+    """_update on the chunk at d / mp (tensor elements start .. start + CHUNK - 1, masked past numel) with the
+    directions z; vector accesses when both buffers are 16-byte aligned (addr / maddr: their addresses)."""
+    j = tl.arange(0, CHUNK)
     if start + CHUNK <= numel:
-        # Addresses come from a table, so the compiler cannot know their alignment and would emit scalar accesses.
-        # When both buffers are 16-byte aligned (the usual case: the caching allocator aligns storages; only views
-        # with odd storage offsets are not) say so: each thread's 4 consecutive elements become one vector access
-        # (checked in sm_90 PTX: ld/st.global.v4.b32). Starts are multiples of CHUNK, so d + j keeps that alignment.
-        if ALIGNED and ((addr | maddr) & 15) == 0:
+        if ((addr | maddr) & 15) == 0:
             _update(tl.multiple_of(d + j, 16), tl.multiple_of(mp + j, 16), z, r, None, alpha, beta, gamma, MODE,
                     DTYPE, False)
         else:
@@ -207,7 +270,8 @@ def launch(meta: torch.Tensor, chunks: torch.Tensor, num_tensors: int, num_chunk
 
     meta: int64 [4, num_tensors], chunks: int64 [num_chunks, 2] built for chunk size ``CHUNK``, both C-contiguous on
     the tensors' device. dtype: float32/float16/bfloat16 (the tensors' dtype). seed: uint64 or negative int64.
-    aligned: True only if every base is a multiple of 4 (selects the fast path; False is correct for any base).
+    aligned: True only if every base is a multiple of 4 (compiles the counter path alone); False is correct for any
+    base, and still takes the counter path for each tensor whose base is a multiple of 4.
     dist: a ``rng.Distribution`` code (0 gaussian, 1 rademacher signs)."""
     if dtype not in rng.DTYPE_CODES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, rng.DTYPE_CODES))}")

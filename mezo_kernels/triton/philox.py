@@ -1,6 +1,6 @@
 """Triton device functions for the perturbation stream of ``shared/docs/rng_spec.md``.
 
-Our own Philox4x32-10, uniform and randn4x, written with ``tl.umulhi`` and uint32 arithmetic. We do not call
+Our own Philox4x32-10, uniform and randn4x, written with uint64 products and uint32 arithmetic. We do not call
 ``tl.randn``/``tl.randn4x``: their int64-offset generator changed before 3.4 and their internals are not an API.
 The formulas are the same as Triton's ``random.py`` (``philox_impl``, ``uint_to_uniform_float``,
 ``pair_uniform_to_normal``), so ``z[4k]`` equals ``tl.randn(seed, k)`` on Triton >= 3.4.
@@ -38,15 +38,14 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     # Wrap-around is the point, so tl.mul/tl.add with sanitize_overflow=False: with debug=True Triton would
     # otherwise insert overflow asserts on these uint32 ops (this is what Triton's own philox_impl does).
     for _ in tl.static_range(_PHILOX_ROUNDS):
-        # hi and lo of each 64-bit product: umulhi for the high half, wrapping uint32 multiply for the low.
-        hi0 = tl.umulhi(c2, _PHILOX_M1)
-        lo0 = tl.mul(c2, _PHILOX_M1, sanitize_overflow=False)
-        hi1 = tl.umulhi(c0, _PHILOX_M0)
-        lo1 = tl.mul(c0, _PHILOX_M0, sanitize_overflow=False)
-        c0 = hi0 ^ c1 ^ k0
-        c1 = lo0
-        c2 = hi1 ^ c3 ^ k1
-        c3 = lo1
+        # Both halves of each 32x32 -> 64-bit product from one uint64 multiply of zero-extended operands: one
+        # IMAD.WIDE.U32 in SASS (umulhi plus a wrapping 32-bit multiply compile to IMAD.HI.U32 and IMAD).
+        p0 = tl.mul(c2.to(tl.uint64), _PHILOX_M1, sanitize_overflow=False)
+        p1 = tl.mul(c0.to(tl.uint64), _PHILOX_M0, sanitize_overflow=False)
+        c0 = (p0 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c1 = p0.to(tl.uint32)
+        c2 = (p1 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c3 = p1.to(tl.uint32)
         k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
         k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
     return c0, c1, c2, c3
@@ -138,6 +137,19 @@ def interleave4(n0, n1, n2, n3, N: tl.constexpr):
     flat index 4q + 2i + j. Each join adds a register-resident minor dim, so after compilation a thread holds 4
     consecutive elements: no shuffle, and contiguous (vectorizable) loads/stores."""
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [N])
+
+
+@triton.jit
+def randn8_counters(k, seed_lo, seed_hi):
+    """fp32 [8 * N]: z[8q + e] for int64 counter pairs k [N] (z[4k] .. z[4k + 7]: counters k and k + 1).
+
+    The same normals as randn4x_counters, in an order that puts each thread's 8 consecutive elements (two
+    counters) in its registers: the 16-byte accesses of 16-bit dtypes, with no layout conversion."""
+    a0, a1, a2, a3 = randn4x_counters(k, seed_lo, seed_hi)
+    b0, b1, b2, b3 = randn4x_counters(k + 1, seed_lo, seed_hi)
+    # [q, h, i, j] = n_{2i+j} of counter k + h: flat index 8q + 4h + 2i + j
+    return tl.reshape(tl.join(tl.join(tl.join(a0, b0), tl.join(a2, b2)), tl.join(tl.join(a1, b1), tl.join(a3, b3))),
+                      [8 * k.shape[0]])
 
 
 # ------------------------------------------------------------------------------------------- test kernels

@@ -1,4 +1,4 @@
-"""fp32 -> fp16/bf16 roundings for the Triton kernel, in integer ops so compiled and interpreted runs agree.
+"""fp32 -> fp16/bf16 roundings for the Triton kernel, giving the same bits compiled and interpreted.
 
 ``round_nearest`` is the plain one rounding of every mode; ``sround`` the stochastic rounding of mode AXPBY_SR,
 exactly as ``rng.stochastic_round`` (the spec) with the rounding bits r of ``philox.stream_bits``."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import rng, rng_bits
+from .. import _compat, rng, rng_bits
 
 __all__ = ["round_bf16", "round_nearest", "sround"]
 
@@ -19,16 +19,30 @@ _F16_MIN_SUB_EXP = tl.constexpr(rng_bits.F16_MIN_SUBNORMAL_EXP)            # -24
 
 
 @triton.jit
-def round_bf16(x):
-    """fp32 -> bf16, round to nearest even, with integer ops.
-
-    Why not ``x.to(tl.bfloat16)``: compiled, that is cvt.rn (RTNE), but the interpreter (checked on 3.9) converts
-    fp32 -> bf16 by *truncating* the mantissa, so CPU CI would disagree with the GPU and with torch. The integer
-    version is exact on both; it costs a few ALU ops in a memory-bound kernel."""
+def _round_bf16_bits(x):
+    """fp32 -> bf16, round to nearest even, with integer ops (the interpreter's version of ``round_bf16``)."""
     b = x.to(tl.uint32, bitcast=True)
     r = tl.add(b, 0x7FFF + ((b >> 16) & 1), sanitize_overflow=False)  # may wrap only for NaN, fixed below
     r = tl.where(x != x, b | 0x400000, r)  # NaN stays a (quiet) NaN instead of carrying into Inf
     return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+# Whether these functions run in Triton's interpreter (TRITON_INTERPRET=1 when they were decorated).
+_INTERPRETED = tl.constexpr(_compat.triton_interpreting(_round_bf16_bits))
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> bf16, round to nearest even (NaN stays NaN; its payload is not specified).
+
+    Compiled: Triton's cast, cvt.rn.bf16x2.f32 on sm_80+ (one F2FP per two elements in SASS). The interpreter's
+    cast does not round to nearest even (checked on 3.9: it truncates, or adds the cut-off bit without carrying
+    into the exponent), so there the integer version computes the same bits."""
+    if _INTERPRETED:
+        out = _round_bf16_bits(x)
+    else:
+        out = x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    return out
 
 
 @triton.jit
