@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         "inplace: write theta +/- eps*z into them (default: virtual for fp16/bf16, else inplace)")
     t.add_argument("--distribution", default=_DEMO.distribution, choices=["gaussian", "rademacher"],
                    help="the directions z: Gaussian or random signs (+-1)")
+    t.add_argument("--batched-pm", action=argparse.BooleanOptionalAction, default=_DEMO.batched_pm,
+                   help="LoRA: the +/- passes of all directions in one batched forward (virtual perturbation; "
+                        "the same losses within fp32 rounding; off by default: not faster on the 2-core CPU)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its seed log")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--ddp", default="auto", choices=["auto", "off"],

@@ -274,12 +274,45 @@ class MeZO(ReplayState, torch.optim.Optimizer):
         t, hyper = self.step_count, self._hyper(self.step_count)
         seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
         dirs, lps, lms = self._run_step(hyper, seeds, closure, micro_batches, None)
+        return self._result(t, hyper, dirs, lps, lms)
+
+    def step_batched(self, pm_fn: Callable[[Sequence[int], float], Sequence[tuple[float, float]]]) -> StepResult:
+        """One step whose 2n losses come from ``pm_fn(seeds, eps) -> [(L+_j, L-_j)]``, e.g.
+        ``batched_pm.make_pm_fn`` (every pass in one batched forward). Virtual perturbation only: the weights are
+        written once, by the update, exactly as ``step`` writes them in that mode, so ``replay_`` repeats it bit for
+        bit (in place, replay perturbs the weights and fuses the restore with the update)."""
+        if self.perturb != "virtual":
+            raise ValueError("step_batched needs perturb='virtual' (pass model= to MeZO): in place, the seed log "
+                             "replays perturbation passes that a batched step never makes")
+        if not callable(pm_fn):
+            raise TypeError("step_batched() needs pm_fn(seeds, eps) -> [(loss_plus, loss_minus)] per direction")
+        t, hyper = self.step_count, self._hyper(self.step_count)
+        seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
+        pairs = list(pm_fn(seeds, self.eps))
+        if len(pairs) != len(seeds):
+            raise ValueError(f"pm_fn returned {len(pairs)} loss pairs for {len(seeds)} directions")
+        dirs, lps, lms = [], [], []
+        for s, (lp, lm) in zip(seeds, pairs):
+            d = _Dir(s)
+            lp, lm = float(lp), float(lm)
+            if not math.isfinite(lp):
+                d.skip = "plus"
+            elif not math.isfinite(lm):
+                d.skip = "minus"
+            else:   # g rounded to fp32, as in _run_step
+                d.g = float(torch.tensor((lp - lm) / (2 * self.eps)))
+                lps.append(lp); lms.append(lm)
+            dirs.append(d)
+        self._commit(hyper, dirs)
+        return self._result(t, hyper, dirs, lps, lms)
+
+    def _result(self, t: int, hyper: list[tuple[float, float]], dirs: list[_Dir], lps: list, lms: list) -> StepResult:
         self._record(t, hyper, dirs)
         valid = [d for d in dirs if d.skip is None]
         g = sum(d.g for d in valid) / len(valid) if valid else 0.0
         self.zero_grad_steps += int(bool(valid) and all(d.g == 0.0 for d in valid))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        return StepResult(mean(lps), mean(lms), g, seeds[0], not valid)
+        return StepResult(mean(lps), mean(lms), g, dirs[0].seed, not valid)
 
     def _record(self, t: int, hyper: list[tuple[float, float]], dirs: list[_Dir]) -> None:
         wd = self.weight_decay

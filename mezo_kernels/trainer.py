@@ -81,6 +81,7 @@ class TrainConfig:
     backend: str = "auto"
     perturb: str | None = None          # "virtual" | "inplace"; None: MeZO's default for the trainable dtype
     distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
+    batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
     dtype: str = "float32"
     resume: bool = False
     extra: dict = field(default_factory=dict)
@@ -102,6 +103,9 @@ class TrainConfig:
             if self.final_split == "dev":
                 raise ValueError("select_on='dev' with final_split='dev' would report on the selection split; "
                                  "report on 'test'")
+        if self.batched_pm and (not self.lora or self.perturb == "inplace"):
+            raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
+                             "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
         m = self.max_minutes
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
                               or m <= 0):
@@ -166,8 +170,9 @@ def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monoton
     model, _, _, obj, params = build(cfg)
     loss_fn = run.loss_fn(obj, cfg.objective, params)
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend,
-               n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps, perturb=cfg.perturb,
-               model=model, distribution=cfg.distribution)
+               n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps,
+               perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution)
+    step_on = _stepper(cfg, run, opt, model, obj, loss_fn)
     best = BestWeights(params) if cfg.select_on else None
     resumed = run.begin(opt, best)
     final_eval = data.subsample(getattr(splits, cfg.final_split), cfg.eval_max, cfg.seed)
@@ -185,7 +190,7 @@ def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monoton
             batch = batch_for(splits.train, step, cfg.seed, cfg.batch_size)
             t0 = time.perf_counter()
             with torch.no_grad():
-                res = opt.step(lambda: loss_fn(model, batch))
+                res = step_on(batch)
             run.log_step(step, opt, res, time.perf_counter() - t0)
             done = opt.step_count
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
@@ -209,6 +214,16 @@ def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monoton
     if engine is not None:
         summary["forward"] = engine.stats.as_dict()
     return run.finish(summary, lambda out: save_weights(model, out, cfg.lora))
+
+
+def _stepper(cfg: TrainConfig, run: Run, opt: MeZO, model, obj, loss_fn) -> Callable[[list], object]:
+    """``batch -> StepResult``: the sequential step, or with ``batched_pm`` every +/- pass in one forward."""
+    if not cfg.batched_pm:
+        return lambda batch: opt.step(lambda: loss_fn(model, batch))
+    if run.multi:
+        raise ValueError("batched_pm is single-process: data-parallel runs exchange per-rank losses per pass")
+    from .batched_pm import make_pm_fn
+    return lambda batch: opt.step_batched(make_pm_fn(model, obj, batch, opt.param_sets, kind=cfg.objective))
 
 
 def _select(cfg: TrainConfig, run: Run, best: BestWeights, step: int, dev_eval: Callable[[], dict]) -> dict:

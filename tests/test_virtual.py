@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mezo_kernels import models, weight_state
+from mezo_kernels._compat import param_version
 from mezo_kernels.forward import ForwardEngine
 from mezo_kernels.optim import MeZO, replay
 from mezo_kernels.perturb import ParamSet
@@ -55,11 +56,11 @@ def _loss(model):
 
 
 def _snap(model):
-    return [(p.detach().clone(), p._version) for p in model.parameters()]
+    return [(p.detach().clone(), param_version([p])) for p in model.parameters()]
 
 
 def _same(model, snap):
-    return all(torch.equal(p, s) and p._version == v for p, (s, v) in zip(model.parameters(), snap))
+    return all(torch.equal(p, s) and param_version([p]) == v for p, (s, v) in zip(model.parameters(), snap))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -257,7 +258,7 @@ def test_engine_never_reuses_across_virtual_passes(first_layer):
     model = _lora_llama(first_layer)
     rows = _rows(3)
     params = [p for _, p in models.trainable_parameters(model)]
-    versions = [p._version for p in params]
+    versions = param_version(params)
     vp = VirtualPerturbation(model, [ParamSet(params, exact_restore=False)])
     eng = ForwardEngine()
     states = [None, None, (5, 0.5), (5, -0.5), None, (5, -0.5), (5, 0.5), (6, 0.5), (5, 0.5)]
@@ -274,7 +275,7 @@ def test_engine_never_reuses_across_virtual_passes(first_layer):
         assert eng.stats.prefix_cache_hits >= 1              # the repeated unperturbed state: a legitimate hit
     else:
         assert eng.stats.frozen_misses == 1 and eng.stats.frozen_hits == len(states) - 1
-    assert [p._version for p in params] == versions
+    assert param_version(params) == versions
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
