@@ -56,13 +56,32 @@ TOL = {torch.float32: (1e-6, 2.4e-7), torch.float16: (1e-3, 9.8e-4), torch.bfloa
 _WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
 
 
+def write_sst2(d, sizes: dict, seed: int, words: int) -> str:
+    """Synthetic SST-2 TSVs (GLUE format) in ``d/sst2``: ``sizes`` {split: rows}, labels alternating, ``words``
+    random words per sentence. Returns ``str(d)``."""
+    r = random.Random(seed)
+    (d / "sst2").mkdir()
+    for split, n in sizes.items():
+        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(_WORDS) for _ in range(words)) for i in range(n)]
+        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """A small synthetic SST-2 folder (80 train, 24 dev rows, GLUE TSV format) for end-to-end CLI tests."""
-    d = tmp_path_factory.mktemp("data")
-    r = random.Random(0)
-    (d / "sst2").mkdir()
-    for split, n in (("train", 80), ("dev", 24)):
-        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(_WORDS) for _ in range(6)) for i in range(n)]
-        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
+    return write_sst2(tmp_path_factory.mktemp("data"), {"train": 80, "dev": 24}, seed=0, words=6)
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Name resolution and connects raise OSError inside the test; the returned list records every attempt."""
+    import socket
+    calls: list = []
+
+    def refuse(*a, **k):
+        calls.append(a)
+        raise OSError("network access in a test")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return calls

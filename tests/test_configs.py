@@ -1,7 +1,6 @@
 """configs/: the paper's run settings load, and each runs end to end on the tiny model of its architecture with the
 steps cut to 2 and evaluation capped, so a config cannot rot; flags override a config's values."""
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -9,26 +8,20 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("yaml")
+from conftest import write_sst2  # noqa: E402
 from mezo_kernels.cli import main  # noqa: E402
 from mezo_kernels.config_files import load_config_file  # noqa: E402
 from mezo_kernels.trainer import TrainConfig  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 FAMILY = {"roberta-large": "tiny-roberta", "facebook/opt-13b": "tiny-opt"}
-WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
 
 
 @pytest.fixture(scope="module")
 def big_data(tmp_path_factory) -> str:
     """SST-2 rows enough for both protocols as configured: k = 512 per class for train and dev (2,048 rows) and
     the OPT protocol's 1,000 train + 500 dev."""
-    d = tmp_path_factory.mktemp("bigdata")
-    r = random.Random(1)
-    (d / "sst2").mkdir()
-    for split, n in (("train", 2200), ("dev", 40)):
-        rows = ["label\tsentence"] + [f"{i % 2}\t" + " ".join(r.choice(WORDS) for _ in range(5)) for i in range(n)]
-        (d / "sst2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
+    return write_sst2(tmp_path_factory.mktemp("bigdata"), {"train": 2200, "dev": 40}, seed=1, words=5)
 
 
 def test_the_paper_configs_are_all_there():

@@ -161,18 +161,11 @@ def _check_modes(be: Backend, mode, dtype, dist, seed):
 @pytest.mark.parametrize("dist", list(Dist), ids=lambda d: d.label)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(M), ids=lambda m: m.name)
-def test_cpu_mode_dtype_dist_bitwise(cpu, mode, dtype, dist):
+@pytest.mark.parametrize("ext", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mode_dtype_dist_bitwise(request, ext, mode, dtype, dist):
+    backend = request.getfixturevalue(ext)
     for seed in SEEDS:
-        _check_modes(cpu, mode, dtype, dist, seed)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dist", list(Dist), ids=lambda d: d.label)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", list(M), ids=lambda m: m.name)
-def test_cuda_mode_dtype_dist_bitwise(cuda, mode, dtype, dist):
-    for seed in SEEDS:
-        _check_modes(cuda, mode, dtype, dist, seed)
+        _check_modes(backend, mode, dtype, dist, seed)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,6 @@
 a bad spec, a missing optional extra, an unknown model."""
 import json
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,14 +113,8 @@ def test_cli_errors_name_the_spec_file_and_field(tmp_path, capsys):
     assert "invalid choice: 'cola' (choose from rte, sst2, or a task spec file" in capsys.readouterr().err
 
 
-def test_no_such_model_lists_the_builtins_without_the_network(data_dir, tmp_path, capsys, monkeypatch):
-    calls = []
-
-    def refuse(*a, **k):
-        calls.append(a)
-        raise OSError("network access in a test")
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+def test_no_such_model_lists_the_builtins_without_the_network(data_dir, tmp_path, capsys, no_network):
+    calls = no_network
     argv = train_args(tmp_path / "o", "--data-dir", data_dir) + ["--model", "no-such-model"]
     assert main(argv) == 2
     err = capsys.readouterr().err
