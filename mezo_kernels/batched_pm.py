@@ -26,10 +26,11 @@ from torch import nn
 from . import rng
 from .forward import ForwardEngine
 from .grouped_lora import GroupedLoRA
+from .optim import projected_grad
 from .metrics import ObjectiveKind, Reduction, from_scores, objective_value
 from .perturb import ParamSet
 
-__all__ = ["batched_pm_losses", "pm_grads", "tile_encoding", "make_pm_fn"]
+__all__ = ["batched_pm_losses", "pm_grads", "tile_encoding", "make_pm_fn", "pm_fn_factory"]
 
 # encoding keys holding one entry per row / per target / per example: stacked as they are
 _REPEAT = ("input_ids", "attention_mask", "mask_pos", "labels", "tgt_pos", "tgt_ids", "cont_len")
@@ -117,24 +118,21 @@ def _losses(model, objective, batch, seeds, eps, grouped: GroupedLoRA, max_rows,
 
 
 def pm_grads(pairs: Sequence[tuple[float, float]], eps: float) -> list[tuple[float, str | None]]:
-    """MeZO's rule per direction: ``(g, skip)`` with g = (L+ - L-) / (2 eps) rounded to fp32 and skip None, or
-    ``(0.0, "plus")`` / ``(0.0, "minus")`` where the first non-finite loss of the pair is (that direction is left
-    out of the update)."""
-    out = []
-    for lp, lm in pairs:
-        if not math.isfinite(lp):
-            out.append((0.0, "plus"))
-        elif not math.isfinite(lm):
-            out.append((0.0, "minus"))
-        else:
-            out.append((float(torch.tensor((lp - lm) / (2 * eps))), None))
-    return out
+    """MeZO's rule (``optim.projected_grad``) per direction: ``(g, skip)``."""
+    return [projected_grad(lp, lm, eps) for lp, lm in pairs]
+
+
+def pm_fn_factory(model: nn.Module, objective: Any, param_sets: ParamSet | Sequence[ParamSet],
+                  max_rows: int | None = None, kind: ObjectiveKind = "ce"
+                  ) -> Callable[[Sequence[Any]], Callable[[Sequence[int], float], list[tuple[float, float]]]]:
+    """``batch -> pm_fn`` for a training loop: the LoRA layers are looked up once, here, not once per step."""
+    grouped = GroupedLoRA(model, param_sets)
+    return lambda batch: (lambda seeds, eps: _losses(model, objective, batch, seeds, eps, grouped, max_rows, kind))
 
 
 def make_pm_fn(model: nn.Module, objective: Any, batch: Sequence[Any], param_sets: ParamSet | Sequence[ParamSet],
                max_rows: int | None = None, kind: ObjectiveKind = "ce"
                ) -> Callable[[Sequence[int], float], list[tuple[float, float]]]:
     """``pm_fn(seeds, eps) -> [(L+, L-)]`` for one batch: what an optimizer's batched step calls with the step's
-    seeds and its eps (``MeZO.step_batched(pm_fn)``). The LoRA layers are looked up once, here."""
-    grouped = GroupedLoRA(model, param_sets)
-    return lambda seeds, eps: _losses(model, objective, batch, seeds, eps, grouped, max_rows, kind)
+    seeds and its eps (``MeZO.step_batched(pm_fn)``)."""
+    return pm_fn_factory(model, objective, param_sets, max_rows, kind)(batch)

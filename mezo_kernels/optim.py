@@ -42,6 +42,17 @@ class StepResult(NamedTuple):
     skipped: bool        # True when no direction gave finite losses (weights unchanged)
 
 
+def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> tuple[float, str | None]:
+    """MeZO's rule for one direction: ``(g, None)`` with g = (L+ - L-) / (2 eps) rounded to fp32 (the kernels see
+    fp32 anyway, and the log stays exact and short), or ``(0.0, "plus" | "minus")`` naming the first non-finite
+    loss (the direction is then left out of the update)."""
+    if not math.isfinite(loss_plus):
+        return 0.0, "plus"
+    if not math.isfinite(loss_minus):
+        return 0.0, "minus"
+    return float(torch.tensor((loss_plus - loss_minus) / (2 * eps))), None
+
+
 class MeZO(ReplayState, torch.optim.Optimizer):
     """Zeroth-order SGD (MeZO) over a set of tensors.
 
@@ -229,8 +240,7 @@ class MeZO(ReplayState, torch.optim.Optimizer):
                     d.skip = "minus"
                 if d.skip == "minus":
                     self._restore(); dirs.append(d); continue
-                # g rounded to fp32 before use: the kernels see fp32 anyway, and the log stays exact and short
-                d.g = recorded[j].g if recorded is not None else float(torch.tensor((lp - lm) / (2 * self.eps)))
+                d.g = recorded[j].g if recorded is not None else projected_grad(lp, lm, self.eps)[0]
                 lps.append(lp); lms.append(lm)
                 if j < n - 1:
                     self._restore()
@@ -294,14 +304,9 @@ class MeZO(ReplayState, torch.optim.Optimizer):
         dirs, lps, lms = [], [], []
         for s, (lp, lm) in zip(seeds, pairs):
             d = _Dir(s)
-            lp, lm = float(lp), float(lm)
-            if not math.isfinite(lp):
-                d.skip = "plus"
-            elif not math.isfinite(lm):
-                d.skip = "minus"
-            else:   # g rounded to fp32, as in _run_step
-                d.g = float(torch.tensor((lp - lm) / (2 * self.eps)))
-                lps.append(lp); lms.append(lm)
+            d.g, d.skip = projected_grad(float(lp), float(lm), self.eps)
+            if d.skip is None:
+                lps.append(float(lp)); lms.append(float(lm))
             dirs.append(d)
         self._commit(hyper, dirs)
         return self._result(t, hyper, dirs, lps, lms)

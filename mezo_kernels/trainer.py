@@ -222,8 +222,9 @@ def _stepper(cfg: TrainConfig, run: Run, opt: MeZO, model, obj, loss_fn) -> Call
         return lambda batch: opt.step(lambda: loss_fn(model, batch))
     if run.multi:
         raise ValueError("batched_pm is single-process: data-parallel runs exchange per-rank losses per pass")
-    from .batched_pm import make_pm_fn
-    return lambda batch: opt.step_batched(make_pm_fn(model, obj, batch, opt.param_sets, kind=cfg.objective))
+    from .batched_pm import pm_fn_factory
+    pm_for = pm_fn_factory(model, obj, opt.param_sets, kind=cfg.objective)
+    return lambda batch: opt.step_batched(pm_for(batch))
 
 
 def _select(cfg: TrainConfig, run: Run, best: BestWeights, step: int, dev_eval: Callable[[], dict]) -> dict:

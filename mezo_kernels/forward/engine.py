@@ -255,7 +255,7 @@ class ForwardEngine:
         levels, fresh, batches, parts_of = plan_batches(plan, cached, toks, dev)
         if hidden is None:
             hidden = [runner.embed(ids) if ids.numel() else None for ids, _ in batches]
-        ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
+        ropes = _ropes(runner, hidden, batches)
         kv_log: list[list] = [[] for _ in levels]            # per level, per layer: (k, v) of its fresh batch
         for i in range(start, L):
             if i == k and frozen_key is not None and state is None:
@@ -265,7 +265,7 @@ class ForwardEngine:
                 # runs once per group (cached is empty: no eval cache under row groups, none in a frozen state)
                 plan, hidden = tile_plan(one, groups), tile_states(hidden, groups)
                 levels, fresh, batches, parts_of = plan_batches(plan, cached, toks * groups, dev)
-                ropes = [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
+                ropes = _ropes(runner, hidden, batches)
             stacks = []
             for d in range(len(levels)):
                 kf = vf = None
@@ -303,6 +303,11 @@ class ForwardEngine:
 def _weights_key(params: list) -> tuple:
     """What the values of ``params`` are now: addresses and version counters, and any virtual perturbation."""
     return param_version(params), weight_state.key(params)
+
+
+def _ropes(runner: LlamaRunner, hidden: list, batches: list) -> list:
+    """Each batch's rotary cos/sin at its positions (None for an empty batch)."""
+    return [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
 
 
 def _accepts(lm: nn.Module, name: str) -> bool:
