@@ -6,9 +6,14 @@ measured is in its docstring). A configuration that fails, runs out of memory or
 memory guard) is recorded with its reason; the rest of the grid goes on.
 
 Usage:  python bench/bench_step.py --device cpu            (the whole default grid for the device)
-        python bench/bench_step.py --quick                 (tiny-llama, < 1 min: a smoke run)
+        python bench/bench_step.py --quick                 (tiny-llama, about 2 min: a smoke run)
 Writes <out>/step_<device>.csv (one row per configuration x method), the section step-<device> of RESULTS.md
-(tables, ratios, targets) and step_time_<device>.png / step_memory_<device>.png next to RESULTS.md.
+(tables, ratios, targets) and step_time_<device>.png / step_memory_<device>.png next to RESULTS.md. A --quick run
+without --results / --out writes all of that under bench/out/quick/ instead, never into bench/RESULTS.md.
+
+Methods (step_worker.py): inference, mezo-inplace-master (old name mezo), mezo-inplace-nomaster (old name
+mezo-inplace; bf16/fp16 only), mezo-virtual, the LoRA-only mezo-batched, mezo-n4 and mezo-batched-n4, reference,
+backprop, backprop-ckpt. --methods takes the old names too.
 """
 from __future__ import annotations
 
@@ -30,15 +35,22 @@ import step_report  # noqa: E402
 from bench_perturb import device_label  # noqa: E402
 from results import replace_section  # noqa: E402
 from step_models import MODELS  # noqa: E402
-from step_worker import DEVICES, METHODS, MODES  # noqa: E402
+from step_worker import DEVICES, LORA_ONLY, LOW_PRECISION_ONLY, METHODS, MODES  # noqa: E402
+from step_report import METHOD_ALIASES, canonical  # noqa: E402
 
-ALL = METHODS
-FP32_METHODS = tuple(m for m in METHODS if m != "mezo-inplace")    # in fp32 there are no masters: same as mezo
+QUICK_DIR = "quick"                  # --quick without --results/--out writes under <default out>/quick/
+
+
+def methods_for(mode: str, dtype: str) -> tuple[str, ...]:
+    """The grid's methods of one configuration: the LoRA-only ones in mode lora, the no-master in-place path in
+    bf16/fp16 only (in fp32 there are no masters: it is mezo-inplace-master)."""
+    return tuple(m for m in METHODS if (mode == "lora" or m not in LORA_ONLY)
+                 and (dtype != "fp32" or m not in LOW_PRECISION_ONLY))
 
 
 def _cfgs(model, shapes, dtypes, reps, warmup, modes=MODES):
     return [dict(model=model, batch=b, seq=s, mode=mo, dtype=d, reps=reps, warmup=warmup,
-                 methods=FP32_METHODS if d == "fp32" else ALL)
+                 methods=methods_for(mo, d))
             for d in dtypes for (b, s) in shapes for mo in modes]
 
 
@@ -63,6 +75,8 @@ def _list(arg: str | None, allowed, what: str) -> list[str] | None:
     if not arg:
         return None
     items = [x.strip() for x in arg.split(",") if x.strip()]
+    if what == "method":
+        items = [canonical(x) for x in items]
     bad = [x for x in items if x not in allowed]
     if bad:
         raise SystemExit(f"bench_step.py: error: unknown {what} {', '.join(map(repr, bad))}; "
@@ -114,9 +128,14 @@ def section(rows: list[dict], device: str, command: str, wall_s: float) -> str:
             f"Peak memory: {mem}; "
             "the optimizer is built after the reset, so its state counts. footprint = weights + peak over base "
             "(the ratios use it). Same random token batch for every method; loss = causal-LM loss, labels = input "
-            "ids. LoRA: r=8, alpha=16 on q_proj/v_proj. AdamW moments in the weights' dtype. `mezo-inplace` = "
-            "MeZO without fp32 masters (`exact_restore=False`), bf16 only. llama-1b-rand / opt-1.3b-rand: random "
-            "weights, real architectures (bench/step_models.py).\n\n"
+            "ids. LoRA: r=8, alpha=16 on q_proj/v_proj. AdamW moments in the weights' dtype. MeZO paths: "
+            "`mezo-inplace-master` = ± written into the weights, fp32 masters in bf16/fp16 (named `mezo` in earlier "
+            "runs; \"MeZO\" in the first ratio tables); `mezo-inplace-nomaster` = the same without masters "
+            "(`exact_restore=False`, named `mezo-inplace` earlier), bf16 only; `mezo-virtual` = "
+            "`perturb=\"virtual\"`: the ± passes write nothing, no masters, stochastically rounded updates; "
+            "LoRA only: `mezo-batched` = `step_batched`, L+ and L- from one forward of 2B rows, `mezo-n4` / "
+            "`mezo-batched-n4` = 4 directions, virtual, sequential (8 forwards of B rows) / one forward of 8B rows. "
+            "llama-1b-rand / opt-1.3b-rand: random weights, real architectures (bench/step_models.py).\n\n"
             + step_report.result_table(rows)
             + "\nRatios per configuration (✓/✗: target met/missed; definitions in bench/step_report.py):\n\n"
             + step_report.ratio_tables(rs, device) + "\nTargets:\n\n" + step_report.target_summary(rs, device)
@@ -126,17 +145,26 @@ def section(rows: list[dict], device: str, command: str, wall_s: float) -> str:
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=DEVICES)
-    ap.add_argument("--quick", action="store_true", help="tiny-llama only, < 1 min (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny-llama only, about 2 min (a smoke run); without --results/--out it writes under "
+                         f"bench/out/{QUICK_DIR}/, not into bench/RESULTS.md")
     ap.add_argument("--reps", type=int, help="timed steps per method (default: per model, see GRIDS)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: per model)")
     ap.add_argument("--models", help=f"comma-separated subset of the grid's models ({', '.join(MODELS)})")
-    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)} (old names "
+                                      f"{', '.join(f'{k} = {v}' for k, v in METHOD_ALIASES.items())})")
     ap.add_argument("--modes", help="comma-separated subset of lora,full")
-    ap.add_argument("--results", default=os.path.join(BENCH, "RESULTS.md"))
-    ap.add_argument("--out", default=os.path.join(BENCH, "out"))
+    ap.add_argument("--results", help="markdown file whose step-<device> section is replaced (default "
+                                      "bench/RESULTS.md; --quick: <out>/RESULTS.md)")
+    ap.add_argument("--out", help=f"folder of the CSV and the model cache (default bench/out; --quick: "
+                                  f"bench/out/{QUICK_DIR})")
     ap.add_argument("--cache-dir", help="model cache (default <out>/cache; see step_models.py)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per (configuration, method)")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = os.path.join(BENCH, "out", QUICK_DIR) if a.quick and a.results is None else os.path.join(BENCH, "out")
+    if a.results is None:
+        a.results = os.path.join(a.out, "RESULTS.md") if a.quick else os.path.join(BENCH, "RESULTS.md")
     a.models = _list(a.models, MODELS, "model")
     a.methods = _list(a.methods, METHODS, "method")
     a.modes = _list(a.modes, MODES, "mode")
@@ -176,7 +204,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             what = (f"{row['median_ms']:10.1f} ms  footprint {row['footprint_mib']:8.0f} MiB"
                     if row["status"] == "ok" else step_report.failure(row))
-            print(f"{c['model']:>14} {c['mode']:>4} {c['dtype']:>4} {c['batch']}x{c['seq']:<4} {method:>13}  "
+            print(f"{c['model']:>14} {c['mode']:>4} {c['dtype']:>4} {c['batch']}x{c['seq']:<4} {method:>21}  "
                   f"{what}  ({row['wall_s']:.0f} s)", flush=True)
     if not rows:
         raise SystemExit("bench_step.py: error: the filters left no configuration to run")

@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 
-METHOD_ORDER = ("inference", "mezo", "mezo-inplace", "reference", "backprop", "backprop-ckpt")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_report import canonical  # noqa: E402
+
+METHOD_ORDER = ("inference", "mezo-inplace-master", "mezo-inplace-nomaster", "mezo-virtual", "mezo-batched",
+                "mezo-n4", "mezo-batched-n4", "reference", "backprop", "backprop-ckpt")
 
 
 def _label(r: dict) -> str:
@@ -24,7 +29,7 @@ def plot(rows: list[dict], device: str, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [{**r, "method": canonical(r["method"])} for r in rows if r.get("status") == "ok"]   # old CSVs too
     configs = list(dict.fromkeys(_label(r) for r in rows))
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in ok)]
     by = {(_label(r), r["method"]): r for r in ok}
@@ -50,9 +55,10 @@ def plot(rows: list[dict], device: str, out_dir: str) -> list[str]:
         ax.set_xticks(range(len(configs)), configs, fontsize=7)
         ax.set_ylabel(ylabel)
         ax.set_title(f"MeZO vs backprop vs inference, {device}: "
-                     + ("step time" if kind == "time" else "weights + peak over baseline"), fontsize=10, pad=22)
+                     + ("step time" if kind == "time" else "weights + peak over baseline"), fontsize=10,
+                     pad=10 + 16 * -(-len(methods) // 5))          # room for the legend's rows above the axes
         if methods:
-            ax.legend(fontsize=7, ncol=min(6, len(methods)), loc="lower left", bbox_to_anchor=(0, 1.07),
+            ax.legend(fontsize=7, ncol=min(5, len(methods)), loc="lower left", bbox_to_anchor=(0, 1.07),
                       frameon=False)
         ax.grid(axis="y", alpha=0.3, which="both")
         fig.tight_layout()

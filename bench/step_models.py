@@ -140,16 +140,24 @@ def estimate_bytes(method: str, n_params: int, n_trainable: int, largest_trainab
     (16 h + 3 inter) values per token (checkpointing: h per layer, plus one layer recomputed). Backprop adds a
     gradient and two AdamW moments per trainable weight; MeZO in bf16/fp16 keeps fp32 masters (4 B per trainable
     weight, built as two fp32 copies of a tensor at a time); the reference loop holds z, scale*z and the new and
-    old tensor for its largest trainable tensor. Times 1.15: checked against the measured footprints of SmolLM2
-    and the 1B Llama shape (the bare sum came within -17 %..+60 % of them).
+    old tensor for its largest trainable tensor. Virtual perturbation holds a transient copy of (a slice of) one
+    tensor at a time (counted as two of the largest); the batched methods run the no-grad forward over 2n x batch
+    rows and hold 2n perturbed copies of the adapters. Times 1.15: checked against the measured footprints of
+    SmolLM2 and the 1B Llama shape (the bare sum came within -17 %..+60 % of them).
     """
     tok, h, L, inter, V = batch * seq, shape["hidden"], shape["layers"], shape["inter"], shape["vocab"]
     logits = tok * V * (elsize + 3 * 4)
     nograd = 8 * tok * max(4 * h, inter) * elsize + logits
+    groups = {"mezo-batched": 2, "mezo-batched-n4": 8}.get(method, 1)
+    virtual = nograd + 2 * largest_trainable * elsize
     extra = {
         "inference": nograd,
-        "mezo": nograd + ((4 * n_trainable + 8 * largest_trainable) if exact_masters else 0),
-        "mezo-inplace": nograd,
+        "mezo-inplace-master": nograd + ((4 * n_trainable + 8 * largest_trainable) if exact_masters else 0),
+        "mezo-inplace-nomaster": nograd,
+        "mezo-virtual": virtual,
+        "mezo-n4": virtual,
+        "mezo-batched": groups * nograd + groups * n_trainable * elsize,
+        "mezo-batched-n4": groups * nograd + groups * n_trainable * elsize,
         "reference": nograd + 4 * largest_trainable * elsize,
         "backprop": 3 * n_trainable * elsize + L * tok * (16 * h + 3 * inter) * elsize + 2 * logits,
         "backprop-ckpt": 3 * n_trainable * elsize + L * tok * h * elsize + nograd + 2 * logits,

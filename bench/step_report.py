@@ -20,16 +20,55 @@ Memory:
 * ``mem_inplace_vs_inf``: the same for MeZO without fp32 masters (``exact_restore=False``; bf16/fp16 only);
 * ``mem_bp_vs_mezo``, ``mem_bp_vs_inplace``, ``mem_bpckpt_vs_mezo``: backprop (with checkpointing) / MeZO;
 * ``mem_ckpt_vs_bp``: backprop with checkpointing / without (< 1 when checkpointing saves memory).
+
+"MeZO" above is the in-place path with fp32 masters in bf16/fp16 (``mezo-inplace-master``, the method named
+``mezo`` in runs before the explicit names; ``mezo-inplace`` was ``mezo-inplace-nomaster``). The new paths, against
+inference and against it:
+* ``virtual_vs_2fwd``, ``t_virtual_vs_master``, ``virtual_other_ms``: virtual-perturbation step / 2 inference
+  forwards, / the master step, and its non-forward part;
+* ``mem_virtual_vs_inf``, ``virtual_extra_mib``, ``mem_virtual_vs_master``: its footprint / inference, minus
+  inference, / the master path's;
+* ``t_batched_vs_seq``: batched ± step (one forward of 2B rows) / the sequential virtual step (n = 1, the same
+  optimizer and update); ``t_batched_vs_master``: / the master step; ``batched_vs_2fwd``: / 2 inference forwards;
+* ``t_batched_n4_vs_n4``: 4 directions in one forward of 8B rows / 4 directions one after the other;
+  ``t_n4_vs_n1_batched``: batched n = 4 / batched n = 1; ``mem_batched_vs_inf``, ``mem_batched_n4_vs_inf``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 CONFIG_KEYS = ("model", "mode", "dtype", "batch", "seq")
-# (ratio key, comparison, bound, modes it applies to, label); the time bound for MeZO-LoRA depends on the device
+METHOD_ALIASES = {"mezo": "mezo-inplace-master", "mezo-inplace": "mezo-inplace-nomaster"}   # old -> explicit
+MASTER, NOMASTER, VIRTUAL = "mezo-inplace-master", "mezo-inplace-nomaster", "mezo-virtual"
+
+
+def canonical(method: str) -> str:
+    """The explicit method name of ``method`` (old CSVs and command lines use ``mezo`` / ``mezo-inplace``)."""
+    return METHOD_ALIASES.get(method, method)
+
+
+class Target(NamedTuple):
+    key: str
+    op: str                           # "<=", ">=" or ">"
+    bound: float | dict | None        # a number, {device: number} (no target on other devices), None: time_bound
+    modes: tuple
+    label: str
+    dtypes: tuple | None = None       # None: every dtype
+
+
 TARGETS = (
-    ("mem_mezo_vs_inf", "<=", 1.05, ("lora", "full"), "MeZO peak <= 1.05 x inference peak"),
-    ("mem_bp_vs_mezo", ">=", 4.0, ("full",), "full-parameter backprop+AdamW peak >= 4 x MeZO peak"),
-    ("mezo_vs_2fwd", "<=", None, ("lora",), "MeZO-LoRA step <= {b} x two inference forwards"),
-    ("ref_vs_ours_eqfwd", ">", 1.0, ("lora", "full"), "our MeZO step faster than the reference loop (equal forwards)"),
+    Target("mem_mezo_vs_inf", "<=", 1.05, ("lora", "full"), "MeZO peak <= 1.05 x inference peak"),
+    Target("mem_bp_vs_mezo", ">=", 4.0, ("full",), "full-parameter backprop+AdamW peak >= 4 x MeZO peak"),
+    Target("mezo_vs_2fwd", "<=", None, ("lora",), "MeZO-LoRA step <= {b} x two inference forwards"),
+    Target("ref_vs_ours_eqfwd", ">", 1.0, ("lora", "full"),
+           "our MeZO step faster than the reference loop (equal forwards)"),
+    Target("mem_virtual_vs_inf", "<=", 1.05, ("lora", "full"),
+           "virtual MeZO (no fp32 masters) peak <= 1.05 x inference peak"),
+    Target("t_virtual_vs_master", "<=", 1.0, ("full",),
+           "full-parameter virtual step no slower than the fp32-master step (bf16/fp16)", ("bf16", "fp16")),
+    Target("t_batched_vs_seq", "<=", 1.0, ("lora",), "batched ± LoRA step no slower than the sequential one"),
+    Target("batched_vs_2fwd", "<=", {"cuda": 0.6}, ("lora",), "batched LoRA step <= {b} x two inference forwards"),
+    Target("t_n4_vs_n1_batched", "<=", {"cuda": 2.6}, ("lora",), "batched n = 4 step <= {b} x batched n = 1 step"),
 )
 
 INPLACE_ALTERNATIVE = {"mem_mezo_vs_inf": "mem_inplace_vs_inf", "mem_bp_vs_mezo": "mem_bp_vs_inplace"}
@@ -53,9 +92,13 @@ def ratios(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r.get("status") == "ok":
-            groups.setdefault(tuple(str(r[k]) for k in CONFIG_KEYS), {})[r["method"]] = r
+            groups.setdefault(tuple(str(r[k]) for k in CONFIG_KEYS), {})[canonical(r["method"])] = r
     out = []
     for key, m in groups.items():
+        if MASTER in m:                   # the ratio keys below call the master path "mezo"
+            m["mezo"] = m[MASTER]
+        if NOMASTER in m:
+            m["mezo-inplace"] = m[NOMASTER]
         t = {k: _f(v["median_ms"]) for k, v in m.items()}
         mem = {k: _f(v["footprint_mib"]) for k, v in m.items()}
         fwd = {k: _f(v.get("fwd_ms")) for k, v in m.items()}
@@ -87,21 +130,51 @@ def ratios(rows: list[dict]) -> list[dict]:
                     "mezo_n_trainable": _f(m.get("mezo", {}).get("n_trainable")),
                     "mezo_over_base_mib": _f(m.get("mezo", {}).get("peak_over_base_mib")),
                     "bp_over_base_mib": _f(m.get("backprop", {}).get("peak_over_base_mib")),
-                    "mezo_fwd_ms": fwd.get("mezo"), "inf_ms": t.get("inference")})
+                    "mezo_fwd_ms": fwd.get("mezo"), "inf_ms": t.get("inference"),
+                    **_new_paths(t, mem, other, two)})
     return out
+
+
+def _new_paths(t: dict, mem: dict, other: dict, two: float | None) -> dict:
+    """The virtual and batched methods against inference, the master path and each other (module docstring)."""
+    return {"virtual_vs_2fwd": _div(t.get(VIRTUAL), two),
+            "t_virtual_vs_master": _div(t.get(VIRTUAL), t.get("mezo")),
+            "virtual_other_ms": other.get(VIRTUAL),
+            "mem_virtual_vs_inf": _div(mem.get(VIRTUAL), mem.get("inference")),
+            "virtual_extra_mib": (mem[VIRTUAL] - mem["inference"])
+            if mem.get(VIRTUAL) is not None and mem.get("inference") is not None else None,
+            "mem_virtual_vs_master": _div(mem.get(VIRTUAL), mem.get("mezo")),
+            "t_batched_vs_seq": _div(t.get("mezo-batched"), t.get(VIRTUAL)),
+            "t_batched_vs_master": _div(t.get("mezo-batched"), t.get("mezo")),
+            "batched_vs_2fwd": _div(t.get("mezo-batched"), two),
+            "t_batched_n4_vs_n4": _div(t.get("mezo-batched-n4"), t.get("mezo-n4")),
+            "t_n4_vs_n1_batched": _div(t.get("mezo-batched-n4"), t.get("mezo-batched")),
+            "mem_batched_vs_inf": _div(mem.get("mezo-batched"), mem.get("inference")),
+            "mem_batched_n4_vs_inf": _div(mem.get("mezo-batched-n4"), mem.get("inference"))}
 
 
 def time_bound(device: str) -> float:
     return 1.05 if device == "cuda" else 1.10
 
 
+def bound_of(t: Target, device: str) -> float | None:
+    if t.bound is None:
+        return time_bound(device)
+    return t.bound.get(device) if isinstance(t.bound, dict) else t.bound
+
+
+def applies(t: Target, ratio: dict, device: str) -> bool:
+    return (ratio["mode"] in t.modes and (t.dtypes is None or ratio["dtype"] in t.dtypes)
+            and bound_of(t, device) is not None)
+
+
 def check(ratio: dict, key: str, device: str) -> bool | None:
-    """True/False when ``key`` has a target for this configuration's mode and a value; None otherwise."""
-    for k, op, bound, modes, _ in TARGETS:
-        if k == key and ratio["mode"] in modes and ratio.get(key) is not None:
-            b = time_bound(device) if bound is None else bound
-            v = ratio[key]
-            return v <= b if op == "<=" else v >= b if op == ">=" else v > b
+    """True/False when ``key`` has a target for this configuration's mode, dtype and device and a value; None
+    otherwise."""
+    for t in TARGETS:
+        if t.key == key and applies(t, ratio, device) and ratio.get(key) is not None:
+            b, v = bound_of(t, device), ratio[key]
+            return v <= b if t.op == "<=" else v >= b if t.op == ">=" else v > b
     return None
 
 
@@ -126,6 +199,15 @@ MEMORY_COLUMNS = (
     ("BP / in-place MeZO", "mem_bp_vs_inplace", "{:.2f}"), ("BP-ckpt / MeZO", "mem_bpckpt_vs_mezo", "{:.2f}"),
     ("BP-ckpt / BP", "mem_ckpt_vs_bp", "{:.2f}"),
 )
+NEW_PATH_COLUMNS = (
+    ("virtual / 2 fwd", "virtual_vs_2fwd", "{:.2f}"), ("virtual / master time", "t_virtual_vs_master", "{:.2f}"),
+    ("virtual non-fwd ms", "virtual_other_ms", "{:.1f}"), ("virtual / inf mem", "mem_virtual_vs_inf", "{:.2f}"),
+    ("virtual − inf MiB", "virtual_extra_mib", "{:.0f}"), ("virtual / master mem", "mem_virtual_vs_master", "{:.2f}"),
+    ("batched / seq (n=1)", "t_batched_vs_seq", "{:.2f}"), ("batched / master", "t_batched_vs_master", "{:.2f}"),
+    ("batched / 2 fwd", "batched_vs_2fwd", "{:.2f}"), ("batched-n4 / n4", "t_batched_n4_vs_n4", "{:.2f}"),
+    ("batched-n4 / batched", "t_n4_vs_n1_batched", "{:.2f}"), ("batched / inf mem", "mem_batched_vs_inf", "{:.2f}"),
+    ("batched-n4 / inf mem", "mem_batched_n4_vs_inf", "{:.2f}"),
+)
 
 
 def ratio_table(rs: list[dict], device: str, columns=TIME_COLUMNS) -> str:
@@ -138,8 +220,13 @@ def ratio_table(rs: list[dict], device: str, columns=TIME_COLUMNS) -> str:
 
 
 def ratio_tables(rs: list[dict], device: str) -> str:
-    return ("Time ratios:\n\n" + ratio_table(rs, device, TIME_COLUMNS)
-            + "\nMemory ratios (footprints):\n\n" + ratio_table(rs, device, MEMORY_COLUMNS))
+    out = ("Time ratios:\n\n" + ratio_table(rs, device, TIME_COLUMNS)
+           + "\nMemory ratios (footprints):\n\n" + ratio_table(rs, device, MEMORY_COLUMNS))
+    if any(r.get(k) is not None for r in rs for _, k, _ in NEW_PATH_COLUMNS):
+        out += ("\nVirtual perturbation and batched ± (against inference and the fp32-master path "
+                "`mezo-inplace-master`; time ratios of medians, memory of footprints):\n\n"
+                + ratio_table(rs, device, NEW_PATH_COLUMNS))
+    return out
 
 
 def why(r: dict, key: str) -> str:
@@ -152,6 +239,11 @@ def why(r: dict, key: str) -> str:
         state = f", of which grads + 2 AdamW moments {3 * el * n / 2**20:.0f} MiB" if n else ""
         return (f"over the weights: MeZO {r['mezo_over_base_mib']:.0f} MiB (activations, logits"
                 + (", fp32 masters" if el < 4 else "") + f"), backprop {r['bp_over_base_mib']:.0f} MiB{state}")
+    if key == "mem_virtual_vs_inf" and r.get("virtual_extra_mib") is not None:
+        return f"virtual MeZO - inference {r['virtual_extra_mib']:.0f} MiB"
+    if key == "t_virtual_vs_master" and r.get("virtual_other_ms") is not None and r.get("mezo_other_ms") is not None:
+        return (f"non-forward part: virtual {r['virtual_other_ms']:.0f} ms, master {r['mezo_other_ms']:.0f} ms "
+                "(the virtual part includes materialising each tensor in both passes)")
     if key == "mezo_vs_2fwd" and None not in (r.get("mezo_fwd_ms"), r.get("inf_ms"), r.get("mezo_other_ms")):
         return (f"forwards inside the step {r['mezo_fwd_ms']:.0f} ms vs 2 x {r['inf_ms']:.0f} ms measured alone, "
                 f"non-forward part {r['mezo_other_ms']:.1f} ms")
@@ -162,9 +254,14 @@ def target_summary(rs: list[dict], device: str) -> str:
     """One line per target: how many configurations met it, which missed and where the memory or time went; the
     reference speedup per mode."""
     lines = []
-    for key, _, bound, modes, label in TARGETS:
-        label = label.format(b=time_bound(device))
+    for t in TARGETS:
+        key = t.key
+        if bound_of(t, device) is None:
+            continue
+        label = t.label.format(b=bound_of(t, device))
         done = [(r, check(r, key, device)) for r in rs if check(r, key, device) is not None]
+        if not done and key not in ("mem_mezo_vs_inf", "mem_bp_vs_mezo", "mezo_vs_2fwd", "ref_vs_ours_eqfwd"):
+            continue                # a new method's target, where the run left that method out
         missed = [f"{r['model']}/{r['mode']}/{r['dtype']}/{r['batch']}x{r['seq']} ({r[key]:.2f}"
                   + (f"; {why(r, key)})" if why(r, key) else ")") for r, ok in done if not ok]
         line = f"- {label}: met in {len(done) - len(missed)} of {len(done)} configurations"

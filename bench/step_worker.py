@@ -9,9 +9,18 @@ all on the same random token batch ``[batch, seq]`` (seeded), loss = the model's
 ``labels=input_ids``, so every method runs the same forward:
 
 * ``inference``: one forward under ``torch.no_grad()``.
-* ``mezo``: ``MeZO(trainable, lr, eps).step(closure)``: 2 forwards + 3 fused perturbation passes (bf16/fp16
-  weights keep fp32 masters for an exact restore, the optimizer's default).
-* ``mezo-inplace``: the same with ``exact_restore=False`` (no masters; differs from ``mezo`` only in bf16/fp16).
+* ``mezo-inplace-master`` (named ``mezo`` before): ``MeZO(trainable, lr, eps, perturb="inplace").step(closure)``:
+  2 forwards + 3 fused perturbation passes written into the weights; bf16/fp16 weights keep fp32 masters for an
+  exact restore (the in-place default); in fp32 it is plain in-place arithmetic.
+* ``mezo-inplace-nomaster`` (named ``mezo-inplace`` before): the same with ``exact_restore=False`` (no masters;
+  differs from ``mezo-inplace-master`` only in bf16/fp16, so the grid runs it there only).
+* ``mezo-virtual``: ``MeZO(..., perturb="virtual", model=model, rounding="stochastic")``: the ± passes never write
+  the weights (each module sees theta ± eps*z materialised just in time), no fp32 masters; the update is the only
+  write, rounded stochastically in bf16/fp16.
+* ``mezo-batched`` (LoRA only): the same optimizer, ``step_batched``: L+ and L- from one forward of 2B rows
+  (``step_batched.py``: the same loss, computed from the logits of each row group).
+* ``mezo-n4`` / ``mezo-batched-n4`` (LoRA only): 4 directions per step, virtual, run one after the other (8
+  forwards of B rows) / in one forward of 8B rows.
 * ``reference``: the reference MeZO loop (bench_perturb.reference_step's passes, with the forwards between them):
   +eps pass, forward, -2eps pass, forward, +eps pass, -lr*g pass; each pass is ``torch.manual_seed`` then, per
   tensor, ``torch.normal`` + ``p.data = p.data + scale * z``.
@@ -52,8 +61,13 @@ sys.path[:0] = [_BENCH, os.path.dirname(_BENCH)]          # bench/ helpers, and 
 import step_models as sm  # noqa: E402
 from bench_perturb import reference_pass  # noqa: E402  (the reference loop, one pass between forwards)
 from step_measure import read_peak, reset_peak, rss, spread, time_steps  # noqa: E402
+from step_report import METHOD_ALIASES, canonical  # noqa: E402
 
-METHODS = ("inference", "mezo", "mezo-inplace", "reference", "backprop", "backprop-ckpt")
+METHODS = ("inference", "mezo-inplace-master", "mezo-inplace-nomaster", "mezo-virtual", "mezo-batched", "mezo-n4",
+           "mezo-batched-n4", "reference", "backprop", "backprop-ckpt")
+LORA_ONLY = ("mezo-batched", "mezo-n4", "mezo-batched-n4")      # batching ± is for adapters (grouped LoRA)
+LOW_PRECISION_ONLY = ("mezo-inplace-nomaster",)                  # in fp32 it is mezo-inplace-master
+N_DIRECTIONS = {"mezo-n4": 4, "mezo-batched-n4": 4}
 MODES = ("lora", "full")
 DEVICES = ("cpu", "cuda")
 MIB = 2**20
@@ -65,9 +79,15 @@ def check_config(cfg: dict) -> dict:
     """``cfg`` with defaults filled in; ValueError naming the bad field otherwise."""
     c = {**DEFAULTS, **cfg}
     sm.check_model(c.get("model", ""))
+    if isinstance(c.get("method"), str):
+        c["method"] = canonical(c["method"])                      # old names map to the explicit ones
     for key, allowed in (("method", METHODS), ("mode", MODES), ("device", DEVICES), ("dtype", tuple(sm.DTYPES))):
         if c.get(key) not in allowed:
-            raise ValueError(f"unknown {key} {c.get(key)!r}; choose from {', '.join(allowed)}")
+            extra = f" (or the old names {', '.join(METHOD_ALIASES)})" if key == "method" else ""
+            raise ValueError(f"unknown {key} {c.get(key)!r}; choose from {', '.join(allowed)}{extra}")
+    if c["method"] in LORA_ONLY and c["mode"] != "lora":
+        raise ValueError(f"method {c['method']} batches or multiplies LoRA directions: mode must be lora, "
+                         f"got {c['mode']!r}")
     for key in ("batch", "seq", "reps", "lora_r"):
         if not isinstance(c[key], int) or c[key] < 1:
             raise ValueError(f"{key} must be an int >= 1, got {c[key]!r}")
@@ -85,6 +105,7 @@ class Setup:
         self.device = torch.device(c["device"])
         model = sm.build_model(c["model"], sm.DTYPES[c["dtype"]], seed=c["seed"], cache_dir=c["cache_dir"])
         if c["mode"] == "lora":
+            torch.manual_seed(c["seed"])          # peft draws lora_A from the global generator: same adapters
             model = add_lora(model, r=c["lora_r"], alpha=2 * c["lora_r"], targets=("q_proj", "v_proj"))
         self.model = model.to(self.device)
         self.trainable = trainable_parameters(self.model)
@@ -93,6 +114,7 @@ class Setup:
         vocab = self.model.config.vocab_size
         self.ids = torch.randint(0, vocab, (c["batch"], c["seq"]), generator=g).to(self.device)
         self.fwd_s = 0.0
+        self.optimizer = None                     # the MeZO of a virtual method, once built (tests read it)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.weight_bytes = sum(t.numel() * t.element_size()
                                 for t in list(self.model.parameters()) + list(self.model.buffers()))
@@ -109,11 +131,15 @@ class Setup:
         self.fwd_s += time.perf_counter() - t0
         return out
 
+    def add_forward_time(self, seconds: float) -> None:
+        """For forwards run elsewhere (the batched ± pass): counted like those of :meth:`loss`."""
+        self.fwd_s += seconds
+
 
 def make_step(method: str, s: Setup, c: dict) -> Callable[[], dict]:
     """The step function of ``method``; builds its optimizer (call after the memory reset). Each call returns
     ``{"loss": ..., "fwd_s": time spent in forwards}`` (plus ``seed`` and ``g`` for the MeZO methods)."""
-    inner = _make_step(method, s, c)
+    inner = _make_step(canonical(method), s, c)
 
     def step():
         s.fwd_s = 0.0
@@ -129,15 +155,28 @@ def _make_step(method: str, s: Setup, c: dict) -> Callable[[], dict]:
         def step():
             with torch.no_grad():
                 return {"loss": float(s.loss())}
-    elif method in ("mezo", "mezo-inplace"):
+    elif method in ("mezo-inplace-master", "mezo-inplace-nomaster"):
         from mezo_kernels.optim import MeZO
-        opt = MeZO(s.trainable, lr=lr, eps=eps, seed=c["seed"],
-                   exact_restore=False if method == "mezo-inplace" else None)
+        opt = MeZO(s.trainable, lr=lr, eps=eps, seed=c["seed"], perturb="inplace",
+                   exact_restore=False if method == "mezo-inplace-nomaster" else None)
 
         def step():
             with torch.no_grad():
                 r = opt.step(lambda: float(s.loss()))
-            return {"loss": r.loss_plus, "seed": r.seed, "g": r.grad}
+            return {"loss": r.loss_plus, "loss_minus": r.loss_minus, "seed": r.seed, "g": r.grad}
+    elif method in ("mezo-virtual", "mezo-n4", "mezo-batched", "mezo-batched-n4"):
+        from mezo_kernels.optim import MeZO
+        opt = MeZO(s.trainable, lr=lr, eps=eps, seed=c["seed"], perturb="virtual", model=s.model,
+                   rounding="stochastic", n_directions=N_DIRECTIONS.get(method, 1))
+        s.optimizer = opt
+        if method.startswith("mezo-batched"):
+            from step_batched import batched_step
+            return batched_step(s.model, s.ids, opt, on_forward=s.add_forward_time)
+
+        def step():
+            with torch.no_grad():
+                r = opt.step(lambda: float(s.loss()))
+            return {"loss": r.loss_plus, "loss_minus": r.loss_minus, "seed": r.seed, "g": r.grad}
     elif method == "reference":
         count = [0]
 

@@ -65,7 +65,8 @@ def _unsupported(args) -> str | None:
     if getattr(args, "fp16", False):
         return ("fp16=True makes the Trainer scale the loss with a GradScaler that expects gradients, and MeZO has "
                 "none (the scaler would find no inf checks and fail). Use bf16=True, or load the model in "
-                "float16 with fp16=False: MeZO updates fp16 weights through fp32 masters")
+                "float16 with fp16=False: MeZO updates fp16 weights itself (stochastic rounding, or fp32 masters "
+                "with perturb='inplace')")
     if getattr(args, "world_size", 1) > 1:
         return ("with several processes each one would estimate its own projected gradient on its own batch and "
                 "the replicas would drift apart; MeZO data parallelism exchanges the losses instead "
@@ -77,10 +78,13 @@ class MeZOTrainerMixin:
     """The two hooks; mix into a ``transformers.Trainer`` subclass before it (``class T(MeZOTrainerMixin, Base)``).
 
     Keyword args (besides the Trainer's): ``eps`` (perturbation scale), ``n_directions`` (directions per step),
-    ``mezo_seed`` (default ``args.seed``), ``backend``, ``exact_restore`` (see :class:`~mezo_kernels.MeZO`)."""
+    ``mezo_seed`` (default ``args.seed``), ``backend``, ``exact_restore``, ``perturb`` and ``distribution`` (see
+    :class:`~mezo_kernels.MeZO`; the optimizer gets the Trainer's model as ``model=``, so bf16/fp16 weights take
+    the virtual, masterless path by default)."""
 
     def __init__(self, *args, eps: float = 1e-3, n_directions: int = 1, mezo_seed: int | None = None,
-                 backend: str = "auto", exact_restore: bool | None = None, **kwargs):
+                 backend: str = "auto", exact_restore: bool | None = None, perturb: str | None = None,
+                 distribution: str = "gaussian", **kwargs):
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         why = _unsupported(train_args) if train_args is not None else None
         if why:
@@ -105,7 +109,7 @@ class MeZOTrainerMixin:
             raise ValueError(f"{type(self).__name__}: no parameter of the model requires grad, so MeZO has nothing "
                              "to train (set requires_grad on the trainable ones, e.g. with peft)")
         self.mezo_kwargs = dict(eps=float(eps), n_directions=n_directions, backend=backend,
-                                exact_restore=exact_restore,
+                                exact_restore=exact_restore, perturb=perturb, distribution=distribution,
                                 seed=self.args.seed if mezo_seed is None else mezo_seed)
         self._mezo_cycle: list = []                  # (inputs, num_items_in_batch) of the cycle so far
         self._mezo_cycle_step = 0
@@ -118,7 +122,8 @@ class MeZOTrainerMixin:
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             self.optimizer = TrainerMeZO(named, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                         no_decay=[n for n, _ in named if n not in decay], **self.mezo_kwargs)
+                                         no_decay=[n for n, _ in named if n not in decay], model=opt_model,
+                                         **self.mezo_kwargs)
         return self.optimizer
 
     @property

@@ -191,3 +191,26 @@ def test_lora_model_trains_only_its_adapters(tmp_path):
     after = weights(model)
     assert all(torch.equal(after[n], w0[n]) for n in w0 if n not in trained)
     assert any(not torch.equal(after[n], w0[n]) for n in trained if "lora_B" in n)   # B starts at 0
+
+
+@pytest.mark.parametrize("perturb,distribution", [(None, "gaussian"), ("inplace", "rademacher")])
+def test_bf16_weights_take_the_modes_a_plain_mezo_gets_with_model(tmp_path, perturb, distribution):
+    # the Trainer hands its model to MeZO, so bf16 gets the same default (virtual, no masters) as a plain loop
+    # with model=, lands on the same bits, and the perturb/distribution switches reach the optimizer and its log
+    ids = rows(1)
+    model = tiny(dtype=torch.bfloat16)
+    tr = MeZOTrainer(model=model, args=targs(tmp_path, per_device_train_batch_size=1), train_dataset=dataset(ids),
+                     eps=1e-2, perturb=perturb, distribution=distribution)
+    tr.train()
+    assert tr.mezo.perturb == (perturb or "virtual")
+    assert tr.mezo.distribution == distribution and tr.mezo.config().get("distribution", "gaussian") == distribution
+    ref = tiny(dtype=torch.bfloat16)
+    opt = MeZO(ref.named_parameters(), lr=1e-2, eps=1e-2, seed=3, model=ref, perturb=perturb,
+               distribution=distribution)
+    n = ids[:, 1:].numel()
+    with torch.no_grad():
+        for _ in range(4):
+            opt.step(lambda: ref(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(n)).loss)
+    got = weights(model)
+    assert all(torch.equal(got[k], v) for k, v in weights(ref).items())
+    assert [r["g"] for r in tr.mezo.log] == [r["g"] for r in opt.log]

@@ -1,0 +1,158 @@
+"""Tables, plot and learning-rate choice from ``bench_quality.py``'s JSON lines.
+
+    .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl                 # markdown tables
+    .venv/bin/python bench/quality_report.py RUNS --plot bench/quality_sst2.png
+    .venv/bin/python bench/quality_report.py RUNS --choose mezo-lora --task sst2 --k 16   # prints the lr
+
+The lr of a method is chosen on seed 0's k-shot dev split only: the best dev evaluation (accuracy, then loss, as
+``selection.is_better``) at the largest budget. The reported split is never read by the choice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mezo_kernels.selection import is_better  # noqa: E402
+
+BASELINE = dict(objective="ce", distribution="gaussian", n_directions=1, eps=None)
+
+
+def load(path: str | Path) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no runs recorded")
+    return rows
+
+
+def is_main(r: dict) -> bool:
+    """Rows of the main comparison (CE, Gaussian, one direction; the method's default eps)."""
+    eps_default = 1e-3 if r["method"] == "mezo-full" else 1e-2
+    return (r["objective"] == "ce" and r["distribution"] == "gaussian" and r["n_directions"] == 1
+            and (not r["method"].startswith("mezo") or r["eps"] == eps_default))
+
+
+def choose(rows: list[dict], method: str, task: str, k: int) -> float:
+    """The lr whose seed-0 run has the best dev evaluation at its largest budget."""
+    last: dict[float, dict] = {}
+    for r in rows:
+        if (r["method"], r["task"], r["k"], r["seed"]) == (method, task, k, 0) and is_main(r):
+            if r["lr"] not in last or r["budget_min"] > last[r["lr"]]["budget_min"]:
+                last[r["lr"]] = r
+    if not last:
+        raise ValueError(f"no seed-0 runs of {method} on {task} k={k} to choose from")
+    best = None
+    for lr in sorted(last):
+        if best is None or is_better(last[lr]["dev"], last[best]["dev"]):
+            best = lr
+    return best
+
+
+def _ms(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def main_table(rows: list[dict]) -> str:
+    """Accuracy on the reported split (mean ± std over seeds) per (task, k, method, lr) and budget."""
+    cells: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if is_main(r):
+            cells[(r["task"], r["k"], r["method"], r["lr"] if r["method"] != "zeroshot" else None)][
+                r["budget_min"]].append(r)
+    budgets = sorted({b for c in cells.values() for b in c if b > 0})
+    head = "| task | k | method | lr | " + " | ".join(f"{b:g} min: acc % (steps, FE)" for b in budgets) + " | seeds |"
+    out = [head, "|" + "---|" * (5 + len(budgets))]
+    for key in sorted(cells, key=lambda t: (t[0], t[1], t[2], t[3] or 0)):
+        task, k, method, lr = key
+        by_b = cells[key]
+        if method == "zeroshot":
+            rs = by_b[0]
+            vals = [_ms([r["test"]["accuracy"] for r in rs])] * len(budgets)
+            seeds = len({r["seed"] for r in rs})
+        else:
+            vals = []
+            for b in budgets:
+                rs = by_b.get(b, [])
+                if not rs:
+                    vals.append("–")
+                    continue
+                steps = statistics.median(r["steps"] for r in rs)
+                fe = statistics.median(r["fe"] for r in rs) if rs[0].get("fe") is not None else None
+                stop = " stopped early" if any(r.get("stopped") == "patience" for r in rs) else ""
+                vals.append(f"{_ms([r['test']['accuracy'] for r in rs])} ({steps:g}"
+                            f"{f', {fe:.0f}' if fe is not None else ''}{stop})")
+            seeds = len({r["seed"] for rs in by_b.values() for r in rs})
+        out.append(f"| {task} | {k} | {method} | {lr if lr is not None else ''} | " + " | ".join(vals)
+                   + f" | {seeds} |")
+    return "\n".join(out)
+
+
+def ablation_table(rows: list[dict], budget: float) -> str:
+    """MeZO-LoRA variants against the baseline at equal steps and seed (seed 0, ``budget`` minutes)."""
+    sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["budget_min"] == budget]
+    out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(sel, key=lambda r: (r["task"], r["objective"], r["distribution"], r["eps"], r["lr"])):
+        name = (f"{r['task']} {r['objective']}, {r['distribution']}, n={r['n_directions']}")
+        out.append(f"| {name} | {r['lr']:g} | {r['eps']:g} | {r['steps']} | {100 * r['test']['accuracy']:.1f} | "
+                   f"{100 * r['dev']['accuracy']:.1f} | {100 * (r.get('zero_grad_rate') or 0):.1f} % |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str, task: str = "sst2", k: int = 16) -> None:
+    """Reported-split accuracy against the quiet-machine budget, one line per method at its dev-chosen lr."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
+        try:
+            lr = choose(rows, method, task, k)
+        except ValueError:
+            continue
+        pts = defaultdict(list)
+        for r in rows:
+            if (r["method"], r["task"], r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
+                pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
+        xs = sorted(pts)
+        ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
+                    yerr=[statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs],
+                    marker="o", capsize=3, label=f"{method} (lr {lr:g}, {max(len(v) for v in pts.values())} seeds)")
+    zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and r["task"] == task]
+    if zs:
+        ax.axhline(zs[0], color="gray", ls="--", label="zero-shot")
+    ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
+    ax.set_ylabel(f"{task} reported-split accuracy (%)")
+    ax.set_title(f"SmolLM2-135M, {task} k={k}: weights chosen on the k-shot dev split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs")
+    p.add_argument("--choose", default=None, help="print the dev-chosen lr of this method")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--ablation-budget", type=float, default=5.0)
+    a = p.parse_args(argv)
+    rows = load(a.runs)
+    if a.choose:
+        print(f"{choose(rows, a.choose, a.task, a.k):g}")
+        return
+    print(main_table(rows))
+    print()
+    print(ablation_table(rows, a.ablation_budget))
+    if a.plot:
+        plot(rows, a.plot, a.task, a.k)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The fine-tuning quality study (bench/bench_quality.py) as run for bench/RESULTS.md: two lanes of one-thread
+# processes side by side on a 2-core box. Budgets are in forward-equivalents, so sharing the CPU does not change
+# any result; the seconds per step come from `bench_quality.py --measure` on the quiet box (2 threads).
+#
+#   DATA=../shared/data bash bench/run_quality.sh grid      # lr grids on seed 0 (selection reads the dev split)
+#   DATA=../shared/data bash bench/run_quality.sh seeds     # the dev-chosen lr of each method on seeds 1 and 2
+#   DATA=../shared/data bash bench/run_quality.sh extra     # full-parameter, RTE and the ablations
+#   .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-bench/out/quality}
+# medians of bench/out/quality/measure.jsonl: SST-2 / RTE, batch 16, SmolLM2-135M fp32, quiet box, 2 threads
+FWD=0.89 MEZO_LORA=1.81 BP_LORA=1.83 MEZO_FULL=1.74 BP_FULL=3.51 RTE_FWD=1.25 RTE_MEZO_LORA=2.54
+mkdir -p "$OUT/logs"
+
+q() {  # q NAME ARGS...: one run, its stderr kept in logs/NAME.log, skipped when that log says it finished
+  local name=$1; shift
+  if [ -f "$OUT/logs/$name.done" ]; then return 0; fi
+  $PY bench/bench_quality.py --threads 1 --data-dir "$DATA" --out "$OUT/runs.jsonl" "$@" \
+      >"$OUT/logs/$name.out" 2>"$OUT/logs/$name.log" && touch "$OUT/logs/$name.done"
+}
+chosen() {  # chosen METHOD TASK K: the lr the dev split chose on seed 0
+  $PY bench/quality_report.py "$OUT/runs.jsonl" --choose "$1" --task "$2" --k "$3"
+}
+MEZO=(--step-seconds $MEZO_LORA --sec-per-fe $FWD --budgets-min 5 10)
+BP=(--step-seconds $BP_LORA --sec-per-fe $FWD --budgets-min 5 10 --eval-every 45 --patience 300)
+
+case "${1:-}" in
+grid)
+  ( q zs-sst2 --method zeroshot
+    for lr in 1e-4 3e-4 1e-3; do q bp-lora-$lr --method bp-lora --lr $lr "${BP[@]}"; done
+    q mezo-lora-5e-4 --method mezo-lora --lr 5e-4 "${MEZO[@]}" ) &
+  ( for lr in 1e-3 2e-3; do q mezo-lora-$lr --method mezo-lora --lr $lr "${MEZO[@]}"; done ) &
+  wait ;;
+seeds)
+  m=$(chosen mezo-lora sst2 16); b=$(chosen bp-lora sst2 16)
+  ( for s in 1 2; do q mezo-lora-$m-s$s --method mezo-lora --lr "$m" --seed $s "${MEZO[@]}"; done ) &
+  ( for s in 1 2; do q bp-lora-$b-s$s --method bp-lora --lr "$b" --seed $s "${BP[@]}"; done ) &
+  wait ;;
+extra)
+  m=$(chosen mezo-lora sst2 16)
+  FIVE=(--sec-per-fe $FWD --budgets-min 5)
+  ( for lr in 1e-6 1e-5; do q mezo-full-$lr --method mezo-full --lr $lr --eps 1e-3 --step-seconds $MEZO_FULL \
+        "${FIVE[@]}"; done
+    for lr in 1e-5 3e-5; do q bp-full-$lr --method bp-full --lr $lr --step-seconds $BP_FULL "${FIVE[@]}" \
+        --eval-every 45 --patience 300; done ) &
+  ( for v in "sign --distribution rademacher" "eps1e-3 --eps 1e-3" "negacc --objective neg_accuracy"; do
+      set -- $v; name=$1; shift
+      q abl-$name --method mezo-lora --lr "$m" --step-seconds $MEZO_LORA "${FIVE[@]}" "$@"; done
+    q zs-rte --method zeroshot --task rte
+    for lr in 1e-3 2e-3; do q rte-mezo-lora-$lr --method mezo-lora --task rte --lr $lr \
+        --step-seconds $RTE_MEZO_LORA --sec-per-fe $RTE_FWD --budgets-min 5; done ) &
+  wait ;;
+*) echo "usage: bash bench/run_quality.sh grid|seeds|extra" >&2; exit 2 ;;
+esac

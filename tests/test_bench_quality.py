@@ -1,0 +1,96 @@
+"""The quality study's pieces (bench/bench_quality.py, bench/quality_report.py) on a tiny random Llama and
+synthetic SST-2: budgets turn into the right step counts, the reported weights are the best dev weights (and the
+reported split cannot move them), patience stops a run and later budgets repeat its selection, the lr choice
+reads only the dev split, bad arguments are refused. CPU only; nothing here is a timing."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import write_sst2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bench_quality as bq  # noqa: E402
+import quality_report as qr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_sst2(tmp_path_factory.mktemp("q"), {"train": 64, "dev": 24}, seed=1, words=5)
+
+
+def args(data, *extra):
+    return bq.parse(["--model", "tiny-llama", "--data-dir", data, "--k", "4", "--batch-size", "4",
+                     "--step-seconds", "2", "--sec-per-fe", "1", "--eval-every", "4", *extra])
+
+
+@pytest.mark.parametrize("method", ["mezo-lora", "bp-lora", "mezo-full"])
+def test_budgets_give_steps_and_report_the_best_dev_weights(data, method):
+    # 0.1 min = 6 quiet seconds = 3 steps of 2 s; 0.2 min = 6 steps
+    rows = bq.run(args(data, "--method", method, "--budgets-min", "0.1", "0.2", "--lr", "1e-2"))
+    assert [r["budget_min"] for r in rows] == [0.1, 0.2]
+    assert [r["steps"] for r in rows] == [3, 6] and [r["fe"] for r in rows] == [6.0, 12.0]
+    for r in rows:
+        assert r["stopped"] == "budget" and 1 <= r["best_step"] <= r["steps"]
+        assert r["dev"]["n"] == 8 and r["test"]["n"] == 24          # k=4 per class on dev; the whole test split
+    assert rows[1]["dev"]["accuracy"] >= rows[0]["dev"]["accuracy"]  # the best so far can only improve
+
+
+def test_patience_stops_and_later_budgets_repeat_the_selection(data):
+    rows = bq.run(args(data, "--method", "bp-lora", "--budgets-min", "0.1", "1", "5", "--lr", "0",
+                       "--patience", "8"))
+    # AdamW with lr 0 never changes the weights: the first evaluation stays best, and 8 s (4 steps) later the run stops
+    assert rows[0]["stopped"] == "budget" and rows[1]["stopped"] == "patience"
+    assert rows[1]["steps"] == rows[2]["steps"] < 30 and rows[2]["budget_min"] == 5
+    assert rows[1]["test"] == rows[2]["test"] and rows[1]["best_step"] == rows[0]["best_step"]
+
+
+def test_zeroshot_is_the_untrained_model(data):
+    (row,) = bq.run(args(data, "--method", "zeroshot"))
+    trained = bq.run(args(data, "--method", "bp-lora", "--budgets-min", "0.1", "--lr", "0"))
+    assert row["steps"] == 0 and row["test"] == trained[0]["test"]   # lr 0: the same weights, the same metrics
+
+
+def test_the_lr_choice_reads_only_the_dev_split(tmp_path):
+    def row(lr, dev_acc, dev_loss, test_acc, budget=10, seed=0):
+        return {"method": "mezo-lora", "task": "sst2", "k": 16, "seed": seed, "lr": lr, "eps": 1e-2,
+                "objective": "ce", "distribution": "gaussian", "n_directions": 1, "budget_min": budget,
+                "steps": 5, "fe": 10.0, "dev": {"accuracy": dev_acc, "loss": dev_loss},
+                "test": {"accuracy": test_acc}}
+    rows = [row(1e-3, 0.75, 0.5, 0.60), row(2e-3, 0.75, 0.4, 0.50), row(5e-4, 0.70, 0.3, 0.90),
+            row(5e-4, 0.90, 0.3, 0.90, budget=5), row(1e-2, 0.99, 0.1, 0.99, seed=1)]
+    assert qr.choose(rows, "mezo-lora", "sst2", 16) == 2e-3     # the largest budget, seed 0, accuracy then loss
+    for r in rows:
+        r["test"]["accuracy"] = 1 - r["test"]["accuracy"]
+    assert qr.choose(rows, "mezo-lora", "sst2", 16) == 2e-3
+    with pytest.raises(ValueError, match="no seed-0 runs of bp-lora"):
+        qr.choose(rows, "bp-lora", "sst2", 16)
+    p = tmp_path / "runs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = qr.main_table(qr.load(p))
+    assert "| sst2 | 16 | mezo-lora | 0.002 |" in table
+
+
+def test_bad_arguments_are_refused(data, capsys):
+    with pytest.raises(SystemExit):
+        bq.parse(["--method", "mezo-lora"])                       # no --step-seconds
+    assert "--step-seconds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bq.parse(["--method", "mezo-lora", "bp-lora", "--step-seconds", "1"])
+    assert "one --method per call" in capsys.readouterr().err
+
+
+def test_eval_best_scores_the_kept_weights_and_puts_the_current_ones_back():
+    import torch
+    from mezo_kernels.selection import BestWeights
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    best = BestWeights([("w", w)])
+    best.offer(1, {"accuracy": 0.5, "loss": 1.0})
+    with torch.no_grad():
+        w.add_(10.0)
+    seen = []
+    out = bq.eval_best(best, [w], None, None, [], 0, evaluate=lambda *a: seen.append(w.detach().clone()) or {"x": 1})
+    assert out == {"x": 1} and torch.equal(seen[0], torch.tensor([1.0, 2.0]))
+    assert torch.equal(w.detach(), torch.tensor([11.0, 12.0]))
