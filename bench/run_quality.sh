@@ -3,9 +3,11 @@
 # processes side by side on a 2-core box. Budgets are in forward-equivalents, so sharing the CPU does not change
 # any result; the seconds per step come from `bench_quality.py --measure` on the quiet box (2 threads).
 #
-#   DATA=../shared/data bash bench/run_quality.sh grid      # lr grids on seed 0 (selection reads the dev split)
-#   DATA=../shared/data bash bench/run_quality.sh seeds     # the dev-chosen lr of each method on seeds 1 and 2
-#   DATA=../shared/data bash bench/run_quality.sh extra     # full-parameter, RTE and the ablations
+#   DATA=../shared/data bash bench/run_quality.sh grid         # lr grids on seed 0 (the choice reads the dev split)
+#   DATA=../shared/data bash bench/run_quality.sh seeds-mezo   # the dev-chosen lr on seeds 1 and 2 (one lane each)
+#   DATA=../shared/data bash bench/run_quality.sh seeds-bp
+#   DATA=../shared/data bash bench/run_quality.sh extra-a      # ablations and RTE
+#   DATA=../shared/data bash bench/run_quality.sh extra-b      # full-parameter MeZO and backprop
 #   .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,28 +33,30 @@ BP=(--step-seconds $BP_LORA --sec-per-fe $FWD --budgets-min 5 10 --eval-every 45
 case "${1:-}" in
 grid)
   ( q zs-sst2 --method zeroshot
-    for lr in 1e-4 3e-4 1e-3; do q bp-lora-$lr --method bp-lora --lr $lr "${BP[@]}"; done
-    q mezo-lora-5e-4 --method mezo-lora --lr 5e-4 "${MEZO[@]}" ) &
+    for lr in 1e-4 3e-4 1e-3; do q bp-lora-$lr --method bp-lora --lr $lr "${BP[@]}"; done ) &
   ( for lr in 1e-3 2e-3; do q mezo-lora-$lr --method mezo-lora --lr $lr "${MEZO[@]}"; done ) &
   wait ;;
-seeds)
-  m=$(chosen mezo-lora sst2 16); b=$(chosen bp-lora sst2 16)
-  ( for s in 1 2; do q mezo-lora-$m-s$s --method mezo-lora --lr "$m" --seed $s "${MEZO[@]}"; done ) &
-  ( for s in 1 2; do q bp-lora-$b-s$s --method bp-lora --lr "$b" --seed $s "${BP[@]}"; done ) &
-  wait ;;
-extra)
+seeds-mezo)   # starts as soon as the MeZO grid is done
   m=$(chosen mezo-lora sst2 16)
-  FIVE=(--sec-per-fe $FWD --budgets-min 5)
-  ( for lr in 1e-6 1e-5; do q mezo-full-$lr --method mezo-full --lr $lr --eps 1e-3 --step-seconds $MEZO_FULL \
-        "${FIVE[@]}"; done
-    for lr in 1e-5 3e-5; do q bp-full-$lr --method bp-full --lr $lr --step-seconds $BP_FULL "${FIVE[@]}" \
-        --eval-every 45 --patience 300; done ) &
-  ( for v in "sign --distribution rademacher" "eps1e-3 --eps 1e-3" "negacc --objective neg_accuracy"; do
-      set -- $v; name=$1; shift
-      q abl-$name --method mezo-lora --lr "$m" --step-seconds $MEZO_LORA "${FIVE[@]}" "$@"; done
-    q zs-rte --method zeroshot --task rte
-    for lr in 1e-3 2e-3; do q rte-mezo-lora-$lr --method mezo-lora --task rte --lr $lr \
-        --step-seconds $RTE_MEZO_LORA --sec-per-fe $RTE_FWD --budgets-min 5; done ) &
-  wait ;;
-*) echo "usage: bash bench/run_quality.sh grid|seeds|extra" >&2; exit 2 ;;
+  for s in 1 2; do q mezo-lora-$m-s$s --method mezo-lora --lr "$m" --seed $s "${MEZO[@]}"; done ;;
+seeds-bp)
+  b=$(chosen bp-lora sst2 16)
+  for s in 1 2; do q bp-lora-$b-s$s --method bp-lora --lr "$b" --seed $s "${BP[@]}"; done ;;
+extra-a)
+  m=$(chosen mezo-lora sst2 16)
+  FIVE=(--step-seconds $MEZO_LORA --sec-per-fe $FWD --budgets-min 5)
+  q abl-sign --method mezo-lora --lr "$m" --distribution rademacher "${FIVE[@]}"
+  q zs-rte --method zeroshot --task rte
+  q rte-mezo-lora-$m --method mezo-lora --task rte --lr "$m" --step-seconds $RTE_MEZO_LORA --sec-per-fe $RTE_FWD \
+      --budgets-min 5 10
+  q abl-eps1e-3 --method mezo-lora --lr "$m" --eps 1e-3 "${FIVE[@]}" ;;
+extra-b)
+  m=$(chosen mezo-lora sst2 16)
+  q abl-negacc --method mezo-lora --lr "$m" --objective neg_accuracy --step-seconds $MEZO_LORA --sec-per-fe $FWD \
+      --budgets-min 5
+  for lr in 1e-6 1e-5; do q mezo-full-$lr --method mezo-full --lr $lr --eps 1e-3 --step-seconds $MEZO_FULL \
+      --sec-per-fe $FWD --budgets-min 5; done
+  for lr in 1e-5 3e-5; do q bp-full-$lr --method bp-full --lr $lr --step-seconds $BP_FULL --sec-per-fe $FWD \
+      --budgets-min 5 --eval-every 45 --patience 300; done ;;
+*) echo "usage: bash bench/run_quality.sh grid|seeds-mezo|seeds-bp|extra-a|extra-b" >&2; exit 2 ;;
 esac

@@ -72,8 +72,10 @@ class MeZO(ReplayState, torch.optim.Optimizer):
             the running sum over that order. A tensor-parallel shard passes the bases of the unsharded parameters
             (``distributed.sharded_params``) so that its z is exactly the z of a single-process run.
         groups: how a flat ``params`` list splits into groups, as ``config()["groups"]`` records it (replay).
-        perturb: ``"virtual"`` or ``"inplace"`` (module docstring); default: virtual when ``model`` is given and
-            some trainable tensor is fp16/bf16, else in place.
+        perturb: ``"virtual"`` or ``"inplace"`` (module docstring; default in place). Virtual keeps fp16/bf16
+            training at the inference peak without fp32 masters (full-parameter bf16 SmolLM2-135M: 1.01x against
+            1.93x with masters) but took 1.3-1.6x the in-place step time on the 2-core CPU (bench/RESULTS.md,
+            step-cpu-perturb): choose it for memory.
         model: the ``nn.Module`` owning the parameters, for ``perturb="virtual"`` (a ValueError without it).
         distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the directions z.
         rounding: of the update in fp16/bf16 without masters: ``"stochastic"`` (default for virtual; its bits come
@@ -337,8 +339,7 @@ class MeZO(ReplayState, torch.optim.Optimizer):
 def _perturb_mode(perturb: str | None, model, tensors: Sequence[torch.Tensor]) -> str:
     """The perturbation mode: ``perturb`` checked, or the default (see ``MeZO``)."""
     if perturb is None:
-        low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
-        return "virtual" if model is not None and low else "inplace"
+        return "inplace"
     if perturb not in _PERTURB:
         raise ValueError(f"perturb must be one of {_PERTURB} or None, got {perturb!r}")
     if perturb == "virtual" and model is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _compat
+from . import _compat, rng
 from .plan import _Group
 from .rng import KernelMode
 
@@ -25,8 +25,14 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 class CopyMixin:
     """``perturbed_copy`` / ``perturbed_copies`` of ``ParamSet`` (which provides the state used here)."""
 
-    def _check_copy(self, seed: int) -> int:
-        seed = self._prepare(seed)
+    def _check_copy(self, seed: int, index: int | None = None) -> int:
+        # one tensor's copy reads only that tensor: when its storage is the one the tables know, the scan of every
+        # tensor's storage (a rebuild check, O(tensors) per call and so O(tensors^2) per virtual forward) can wait
+        # for a call that reads the others
+        if index is not None and self._tensors[index].data_ptr() == self._ptrs[index]:
+            seed = rng.check_seed(seed)
+        else:
+            seed = self._prepare(seed)
         if self._active is not None:
             raise RuntimeError(f"the weights are perturbed in place by seed {self._active[0]}: restore_() before "
                                "taking perturbed copies of theta")
@@ -52,7 +58,7 @@ class CopyMixin:
         if not -len(self._tensors) <= index < len(self._tensors):
             raise ValueError(f"index {index} out of range for a set of {len(self._tensors)} tensors")
         index %= len(self._tensors)
-        seed = self._check_copy(seed)
+        seed = self._check_copy(seed, index)
         theta = self._tensors[index]
         name = self.names[index]
         if out is None:

@@ -283,8 +283,9 @@ def test_modes_in_config_only_when_not_the_defaults_and_the_default_perturbation
     w16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
     w32 = torch.nn.Linear(3, 2)
     assert "perturb" not in MeZO(list(w32.parameters()), lr=0.1).config()            # as logs always were
-    assert MeZO(list(w32.parameters()), lr=0.1, model=w32).perturb == "inplace"      # fp32: in place
-    virt = MeZO(list(w16.parameters()), lr=0.1, model=w16)                            # fp16/bf16 + model: virtual
+    assert MeZO(list(w32.parameters()), lr=0.1, model=w32).perturb == "inplace"      # the default: in place,
+    assert MeZO(list(w16.parameters()), lr=0.1, model=w16).perturb == "inplace"      # in every dtype
+    virt = MeZO(list(w16.parameters()), lr=0.1, model=w16, perturb="virtual")
     assert virt.perturb == "virtual" and virt.rounding == "stochastic" and not virt.param_sets[0].exact_restore
     assert virt.config()["perturb"] == "virtual" and "rounding" not in virt.config()
     assert MeZO(list(w16.parameters()), lr=0.1).perturb == "inplace"                 # no model: in place

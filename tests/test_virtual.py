@@ -155,8 +155,7 @@ def test_exception_inside_forward_leaves_weights_hooks_and_registry_clean():
     model = Tiny(torch.bfloat16)
     snap = _snap(model)
     originals = [model.emb.weight, model.lin.weight, model.scale]
-    opt = MeZO(list(model.parameters()), lr=0.1, eps=1e-2, model=model)
-    assert opt.perturb == "virtual"                          # the default for bf16 with model=
+    opt = MeZO(list(model.parameters()), lr=0.1, eps=1e-2, model=model, perturb="virtual")
 
     def bad():
         model.lin.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))   # fails inside lin's call
@@ -179,14 +178,14 @@ def test_nan_loss_skips_the_direction_without_writing(where):
     def closure():
         calls.append(1)
         return float("nan") if (len(calls) == 1) == (where == "plus") else f()
-    opt = MeZO(list(model.parameters()), lr=0.1, eps=1e-2, model=model)
+    opt = MeZO(list(model.parameters()), lr=0.1, eps=1e-2, model=model, perturb="virtual")
     with torch.no_grad():
         r = opt.step(closure)
     assert r.skipped and _same(model, snap) and opt.log[0]["skip"] == where
 
 
 def _train(model, steps, opt=None, **kw):
-    opt = opt or MeZO(list(model.parameters()), lr=0.05, eps=1e-2, seed=4, model=model, **kw)
+    opt = opt or MeZO(list(model.parameters()), lr=0.05, eps=1e-2, seed=4, model=model, **{"perturb": "virtual", **kw})
     with torch.no_grad():
         for _ in range(steps):
             opt.step(_loss(model))
