@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default=_DEMO.backend, choices=["auto", "triton", "cuda", "cpu", "torch"])
     t.add_argument("--perturb", default=_DEMO.perturb, choices=["virtual", "inplace"],
                    help="virtual: the +/- passes never write the weights (exact in any dtype, no fp32 masters); "
-                        "inplace (default): write theta +/- eps*z into them, fp32 masters for fp16/bf16; virtual is leaner "
-                        "in memory but slower on the CPU (bench/RESULTS.md)")
+                        "inplace (default): write theta +/- eps*z into them, fp32 masters for fp16/bf16; "
+                        "virtual is leaner in memory but slower on the CPU (bench/RESULTS.md)")
     t.add_argument("--distribution", default=_DEMO.distribution, choices=["gaussian", "rademacher"],
                    help="the directions z: Gaussian or random signs (+-1)")
     t.add_argument("--batched-pm", action=argparse.BooleanOptionalAction, default=_DEMO.batched_pm,
