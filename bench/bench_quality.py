@@ -10,7 +10,9 @@ Every ``--eval-every`` seconds the k-shot dev split (sampled from train, never t
 best weights kept (``selection.BestWeights``: accuracy, then loss). At each budget in ``--budgets-min`` the best
 weights so far are evaluated on the reported split (``test``: for SST-2/RTE under the k-shot protocol, the GLUE
 dev set). A run stops at the last budget, or earlier when the dev split has not improved for ``--patience`` seconds;
-the budgets after such a stop report the same selected weights. One JSON line per budget goes to ``--out``.
+the budgets after such a stop report the same selected weights. One JSON line per budget goes to ``--out``, with
+``dev_curve``: the dev accuracy and loss of the weights at every evaluation so far (the last is the weights a
+run without selection would report).
 
     .venv/bin/python bench/bench_quality.py --measure --method mezo-lora bp-lora --data-dir ../shared/data
     .venv/bin/python bench/bench_quality.py --method mezo-lora --lr 1e-3 --seed 0 --step-seconds 1.81 \\
@@ -109,13 +111,16 @@ def run(a: argparse.Namespace) -> list[dict]:
     budgets = sorted(a.budgets_min)
     limits = [m * 60.0 for m in budgets]
     spent, steps, next_eval, last_gain, rows, stopped = 0.0, 0, a.eval_every, 0.0, [], "budget"
+    curve: list[list] = []                       # [step, dev accuracy, dev loss] of the weights at each evaluation
     t0 = time.perf_counter()
     while limits and spent < limits[-1]:
         spent += learner.step(batch_for(splits.train, steps, a.seed, a.batch_size))
         steps += 1
         if spent >= next_eval or spent >= limits[0]:
             next_eval = spent + a.eval_every
-            if best.offer(steps, evaluate(model, obj, splits.dev, a.eval_batch_size)):
+            ev = evaluate(model, obj, splits.dev, a.eval_batch_size)
+            curve.append([steps, ev["accuracy"], round(ev["loss"], 5)])
+            if best.offer(steps, ev):
                 last_gain = spent
             print(f"{method} lr={a.lr} seed={a.seed} step {steps} quiet-s {spent:.0f} dev {best.best['accuracy']:.3f}"
                   f"@{best.best_step} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -125,7 +130,7 @@ def run(a: argparse.Namespace) -> list[dict]:
             m = budgets[len(rows)]
             rows.append(dict(base, budget_min=m, seconds=round(spent, 1), steps=steps,
                              fe=round(spent / a.sec_per_fe, 1) if a.sec_per_fe else None,
-                             best_step=best.best_step, dev=best.best, stopped=stopped,
+                             best_step=best.best_step, dev=best.best, dev_curve=list(curve), stopped=stopped,
                              zero_grad_rate=learner.zero_g / steps if method.startswith("mezo") else None,
                              test=eval_best(best, learner.tensors, model, obj, test, a.eval_batch_size)))
             limits.pop(0)
