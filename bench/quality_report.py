@@ -52,6 +52,15 @@ def choose(rows: list[dict], method: str, task: str, k: int) -> float:
     return best
 
 
+def seeded_lr(rows: list[dict], method: str, task: str, k: int) -> float | None:
+    """The lr a method was run at over the most seeds (the one taken to seeds 1, 2, ...), or None."""
+    seeds: dict[float, set] = defaultdict(set)
+    for r in rows:
+        if (r["method"], r["task"], r["k"]) == (method, task, k) and is_main(r):
+            seeds[r["lr"]].add(r["seed"])
+    return max(seeds, key=lambda lr: (len(seeds[lr]), -lr)) if seeds else None
+
+
 def _ms(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{100 * xs[0]:.1f}"
@@ -93,9 +102,10 @@ def main_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def ablation_table(rows: list[dict], budget: float) -> str:
-    """MeZO-LoRA variants against the baseline at equal steps and seed (seed 0, ``budget`` minutes)."""
-    sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["budget_min"] == budget]
+def ablation_table(rows: list[dict], budget: float, lr: float | None = None) -> str:
+    """MeZO-LoRA variants against the baseline at equal steps and seed (seed 0, ``budget`` minutes, ``lr``)."""
+    sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["budget_min"] == budget
+           and (lr is None or r["lr"] == lr)]
     out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
     for r in sorted(sel, key=lambda r: (r["task"], r["objective"], r["distribution"], r["eps"], r["lr"])):
         name = (f"{r['task']} {r['objective']}, {r['distribution']}, n={r['n_directions']}")
@@ -111,9 +121,8 @@ def plot(rows: list[dict], path: str, task: str = "sst2", k: int = 16) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
-        try:
-            lr = choose(rows, method, task, k)
-        except ValueError:
+        lr = seeded_lr(rows, method, task, k)
+        if lr is None:
             continue
         pts = defaultdict(list)
         for r in rows:
@@ -142,6 +151,7 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--plot", default=None)
     p.add_argument("--ablation-budget", type=float, default=5.0)
+    p.add_argument("--ablation-lr", type=float, default=None)
     a = p.parse_args(argv)
     rows = load(a.runs)
     if a.choose:
@@ -149,7 +159,7 @@ def main(argv=None) -> None:
         return
     print(main_table(rows))
     print()
-    print(ablation_table(rows, a.ablation_budget))
+    print(ablation_table(rows, a.ablation_budget, a.ablation_lr))
     if a.plot:
         plot(rows, a.plot, a.task, a.k)
 

@@ -65,6 +65,9 @@ def test_the_lr_choice_reads_only_the_dev_split(tmp_path):
     for r in rows:
         r["test"]["accuracy"] = 1 - r["test"]["accuracy"]
     assert qr.choose(rows, "mezo-lora", "sst2", 16) == 2e-3
+    rows.append(row(1e-2, 0.5, 0.5, 0.5, seed=2))
+    assert qr.seeded_lr(rows, "mezo-lora", "sst2", 16) == 1e-2      # the lr taken to the most seeds
+    assert qr.seeded_lr(rows, "bp-lora", "sst2", 16) is None
     with pytest.raises(ValueError, match="no seed-0 runs of bp-lora"):
         qr.choose(rows, "bp-lora", "sst2", 16)
     p = tmp_path / "runs.jsonl"
