@@ -59,7 +59,7 @@ class Learner:
         self.tensors = [p for _, p in params]
         if method.startswith("mezo"):
             self.opt = MeZO(params, lr=a.lr, eps=a.eps, seed=a.seed, n_directions=a.n_directions, model=model,
-                            distribution=a.distribution, total_steps=10**9)
+                            distribution=a.distribution)
             self.loss = objectives.scalar_objective(obj, a.objective)
         else:
             self.opt = torch.optim.AdamW(self.tensors, lr=a.lr, weight_decay=0.0)

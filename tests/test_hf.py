@@ -39,6 +39,14 @@ def targs(tmp_path, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
+def plain_loop(model, opt, ids, steps):
+    """``steps`` MeZO steps of ``opt`` on ``model``'s causal-LM loss over ``ids``, as the Trainer computes it."""
+    n = ids[:, 1:].numel()
+    with torch.no_grad():
+        for _ in range(steps):
+            opt.step(lambda: model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(n)).loss)
+
+
 def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -60,10 +68,7 @@ def test_trainer_equals_a_plain_mezo_loop_and_evaluates_unperturbed(tmp_path):
     # a plain MeZO loop over the same batch lands on the same bits
     ref = tiny()
     opt = MeZO(ref.named_parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3)
-    n = ids[:, 1:].numel()
-    with torch.no_grad():
-        for _ in range(4):
-            opt.step(lambda: ref(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(n)).loss)
+    plain_loop(ref, opt, ids, steps=4)
     got = weights(model)
     assert all(torch.equal(got[k], v) for k, v in weights(ref).items())
     assert any(not torch.equal(got[k], w0[k]) for k in w0)
@@ -207,10 +212,7 @@ def test_bf16_weights_take_the_modes_a_plain_mezo_gets_with_model(tmp_path, pert
     ref = tiny(dtype=torch.bfloat16)
     opt = MeZO(ref.named_parameters(), lr=1e-2, eps=1e-2, seed=3, model=ref, perturb=perturb,
                distribution=distribution)
-    n = ids[:, 1:].numel()
-    with torch.no_grad():
-        for _ in range(4):
-            opt.step(lambda: ref(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(n)).loss)
+    plain_loop(ref, opt, ids, steps=4)
     got = weights(model)
     assert all(torch.equal(got[k], v) for k, v in weights(ref).items())
     assert [r["g"] for r in tr.mezo.log] == [r["g"] for r in opt.log]
