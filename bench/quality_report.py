@@ -102,45 +102,57 @@ def main_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def ablation_table(rows: list[dict], budget: float, lr: float | None = None) -> str:
-    """MeZO-LoRA variants against the baseline at equal steps and seed (seed 0, ``budget`` minutes, ``lr``)."""
-    sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["budget_min"] == budget
-           and (lr is None or r["lr"] == lr)]
+def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: str = "sst2") -> str:
+    """MeZO-LoRA variants at equal steps and seed: seed-0 rows of ``task`` that ran ``steps`` steps at ``lr``."""
+    sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["steps"] == steps
+           and r["task"] == task and (lr is None or r["lr"] == lr)]
+    if not sel:
+        raise ValueError(f"no seed-0 mezo-lora rows of {task} with {steps} steps" + (f" at lr {lr:g}" if lr else ""))
     out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(sel, key=lambda r: (r["task"], r["objective"], r["distribution"], r["eps"], r["lr"])):
-        name = (f"{r['task']} {r['objective']}, {r['distribution']}, n={r['n_directions']}")
+    for r in sorted(sel, key=lambda r: (r["objective"], r["distribution"], r["n_directions"], r["eps"], r["lr"])):
+        name = f"{r['objective']}, {r['distribution']}, n={r['n_directions']}"
         out.append(f"| {name} | {r['lr']:g} | {r['eps']:g} | {r['steps']} | {100 * r['test']['accuracy']:.1f} | "
                    f"{100 * r['dev']['accuracy']:.1f} | {100 * (r.get('zero_grad_rate') or 0):.1f} % |")
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str, task: str = "sst2", k: int = 16) -> None:
-    """Reported-split accuracy against the quiet-machine budget, one line per method at its dev-chosen lr."""
+def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
+    """Reported-split accuracy against the quiet-machine budget: one panel per task, one line per method at the
+    lr it was taken to seeds with (its dev-chosen lr). Returns the tasks drawn, one panel each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
-        lr = seeded_lr(rows, method, task, k)
-        if lr is None:
-            continue
-        pts = defaultdict(list)
-        for r in rows:
-            if (r["method"], r["task"], r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
-                pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
-        xs = sorted(pts)
-        ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
-                    yerr=[statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs],
-                    marker="o", capsize=3, label=f"{method} (lr {lr:g}, {max(len(v) for v in pts.values())} seeds)")
-    zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and r["task"] == task]
-    if zs:
-        ax.axhline(zs[0], color="gray", ls="--", label="zero-shot")
-    ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
-    ax.set_ylabel(f"{task} reported-split accuracy (%)")
-    ax.set_title(f"SmolLM2-135M, {task} k={k}: weights chosen on the k-shot dev split")
-    ax.legend(fontsize=8)
+    tasks = sorted({r["task"] for r in rows if r["k"] == k and r["method"] != "zeroshot"})
+    if not tasks:
+        raise ValueError(f"no trained runs with k={k} to plot")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
+            lr = seeded_lr(rows, method, task, k)
+            if lr is None:
+                continue
+            pts = defaultdict(list)
+            for r in rows:
+                if (r["method"], r["task"], r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
+                    pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
+            xs = sorted(pts)
+            n = sorted({len(v) for v in pts.values()})
+            ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
+                        yerr=[statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o",
+                        capsize=3, label=f"{method} (lr {lr:g}, {'-'.join(map(str, n))} seeds)")
+        zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and r["task"] == task]
+        if zs:
+            ax.axhline(statistics.mean(zs), color="gray", ls="--", label="zero-shot")
+        if max((r["budget_min"] for r in rows if r["task"] == task), default=0) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
+        ax.set_ylabel(f"{task} reported-split accuracy (%)")
+        ax.set_title(f"SmolLM2-135M, {task} k={k}: weights chosen on the dev split", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return tasks
 
 
 def main(argv=None) -> None:
@@ -150,7 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--plot", default=None)
-    p.add_argument("--ablation-budget", type=float, default=5.0)
+    p.add_argument("--ablation-steps", type=int, nargs="*", default=[], help="one ablation table per step count")
     p.add_argument("--ablation-lr", type=float, default=None)
     a = p.parse_args(argv)
     rows = load(a.runs)
@@ -158,10 +170,11 @@ def main(argv=None) -> None:
         print(f"{choose(rows, a.choose, a.task, a.k):g}")
         return
     print(main_table(rows))
-    print()
-    print(ablation_table(rows, a.ablation_budget, a.ablation_lr))
+    for steps in a.ablation_steps:
+        print()
+        print(ablation_table(rows, steps, a.ablation_lr, a.task))
     if a.plot:
-        plot(rows, a.plot, a.task, a.k)
+        plot(rows, a.plot, a.k)
 
 
 if __name__ == "__main__":

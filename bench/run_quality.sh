@@ -6,8 +6,10 @@
 #   DATA=../shared/data bash bench/run_quality.sh grid         # lr grids on seed 0 (the choice reads the dev split)
 #   DATA=../shared/data bash bench/run_quality.sh seeds-mezo   # the dev-chosen lr on seeds 1 and 2 (one lane each)
 #   DATA=../shared/data bash bench/run_quality.sh seeds-bp
-#   DATA=../shared/data bash bench/run_quality.sh extra-a      # ablations and RTE
-#   DATA=../shared/data bash bench/run_quality.sh extra-b      # full-parameter MeZO and backprop
+#   DATA=../shared/data bash bench/run_quality.sh extra-a      # sign and -accuracy ablations
+#   DATA=../shared/data bash bench/run_quality.sh long         # seed 0 MeZO-LoRA to 60 minutes
+#   DATA=../shared/data bash bench/run_quality.sh extra-b      # RTE, full-parameter MeZO/backprop, eps, n
+#   DATA=../shared/data bash bench/run_quality.sh k512         # k = 512, MeZO-LoRA and backprop-LoRA
 #   .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,16 +51,32 @@ extra-a)      # ablations at the demo's lr, seed 0, against the grid's Gaussian 
   ONE=(--method mezo-lora --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD)
   q abl-sign "${ONE[@]}" --budgets-min 5 --distribution rademacher
   q abl-negacc "${ONE[@]}" --budgets-min 2 --objective neg_accuracy ;;
-extra-b)      # not run yet (see RESULTS.md): RTE, eps, full-parameter MeZO and backprop
+long)         # the dev-chosen MeZO-LoRA lr on seed 0 out to 60 minutes (5 and 10 are the grid run's, same bits)
+  m=${MEZO_LR:-2e-3}
+  q mezo-lora-$m-long --method mezo-lora --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD --budgets-min 15 30 60 ;;
+extra-b)      # RTE, full-parameter MeZO and backprop (lr grids), eps, n = 1 vs 4 at equal steps
   m=${MEZO_LR:-2e-3}
   FIVE=(--sec-per-fe $FWD --budgets-min 5)
   q zs-rte --method zeroshot --task rte
   q rte-mezo-lora-$m --method mezo-lora --task rte --lr "$m" --step-seconds $RTE_MEZO_LORA --sec-per-fe $RTE_FWD \
       --budgets-min 5 10
-  q abl-eps1e-3 --method mezo-lora --lr "$m" --eps 1e-3 --step-seconds $MEZO_LORA "${FIVE[@]}"
   for lr in 1e-6 1e-5; do q mezo-full-$lr --method mezo-full --lr $lr --eps 1e-3 --step-seconds $MEZO_FULL \
       "${FIVE[@]}"; done
   for lr in 1e-5 3e-5; do q bp-full-$lr --method bp-full --lr $lr --step-seconds $BP_FULL "${FIVE[@]}" \
-      --eval-every 45 --patience 300; done ;;
-*) echo "usage: bash bench/run_quality.sh grid|seeds-mezo|seeds-bp|extra-a|extra-b" >&2; exit 2 ;;
+      --eval-every 45 --patience 300; done
+  q abl-eps1e-3 --method mezo-lora --lr "$m" --eps 1e-3 --step-seconds $MEZO_LORA "${FIVE[@]}"
+  # n = 4 costs 4 n = 1 steps (the weight sweep is < 1 %), so 8 n = 4 minutes and 2 n = 1 minutes are both 67 steps
+  q abl-n1 --method mezo-lora --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD --budgets-min 2
+  q abl-n4 --method mezo-lora --lr "$m" --n-directions 4 --step-seconds $(python3 -c "print(4*$MEZO_LORA)") \
+      --sec-per-fe $FWD --budgets-min 8
+  q rte-mezo-lora-$m-s1 --method mezo-lora --task rte --lr "$m" --seed 1 --step-seconds $RTE_MEZO_LORA \
+      --sec-per-fe $RTE_FWD --budgets-min 5 10 ;;
+k512)         # k = 512 at the k = 16 dev-chosen lrs (no grid: a 1,024-example dev evaluation costs ~1 CPU minute)
+  m=${MEZO_LR:-2e-3}; b=$(chosen bp-lora sst2 16)
+  q k512-mezo-lora-$m --method mezo-lora --k 512 --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD \
+      --budgets-min 5 --eval-every 150 &
+  q k512-bp-lora-$b --method bp-lora --k 512 --lr "$b" --step-seconds $BP_LORA --sec-per-fe $FWD \
+      --budgets-min 5 --eval-every 150 &
+  wait ;;
+*) echo "usage: bash bench/run_quality.sh grid|seeds-mezo|seeds-bp|extra-a|long|extra-b|k512" >&2; exit 2 ;;
 esac

@@ -76,6 +76,27 @@ def test_the_lr_choice_reads_only_the_dev_split(tmp_path):
     assert "| sst2 | 16 | mezo-lora | 0.002 |" in table
 
 
+def test_ablations_compare_equal_steps_and_the_plot_has_a_panel_per_task(tmp_path):
+    def row(steps, test_acc, task="sst2", seed=0, **kw):
+        r = {"method": "mezo-lora", "task": task, "k": 16, "seed": seed, "lr": 2e-3, "eps": 1e-2, "objective": "ce",
+             "distribution": "gaussian", "n_directions": 1, "budget_min": steps / 30, "steps": steps, "fe": 1.0,
+             "dev": {"accuracy": 0.5, "loss": 1.0}, "test": {"accuracy": test_acc}, "zero_grad_rate": 0.0}
+        return dict(r, **kw)
+    rows = [row(67, 0.61), row(67, 0.62, n_directions=4, budget_min=8), row(166, 0.65),
+            row(67, 0.99, seed=1), row(67, 0.98, task="rte"), row(67, 0.97, lr=1e-3)]
+    table = qr.ablation_table(rows, 67, 2e-3)
+    lines = table.splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == ["| ce, gaussian, n=1", "| ce, gaussian, n=4"]
+    assert "61.0" in lines[0] and "62.0" in lines[1]             # not the other seed, task, lr or step count
+    with pytest.raises(ValueError, match="no seed-0 mezo-lora rows of sst2 with 5 steps"):
+        qr.ablation_table(rows, 5)
+    rows.append(dict(row(0, 0.5), method="zeroshot", budget_min=0))
+    assert qr.plot(rows, str(tmp_path / "q.png")) == ["rte", "sst2"]
+    assert (tmp_path / "q.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no trained runs with k=512"):
+        qr.plot(rows, str(tmp_path / "q2.png"), k=512)
+
+
 def test_bad_arguments_are_refused(data, capsys):
     with pytest.raises(SystemExit):
         bq.parse(["--method", "mezo-lora"])                       # no --step-seconds
