@@ -99,8 +99,9 @@ def run(a: argparse.Namespace) -> list[dict]:
     model, obj, params, splits = setup(a, method)
     test = data.subsample(splits.test, a.test_max, a.seed)
     base = {"method": method, "task": a.task, "k": a.k, "seed": a.seed, "lr": a.lr, "eps": a.eps,
-            "batch_size": a.batch_size, "objective": a.objective, "distribution": a.distribution,
-            "n_directions": a.n_directions, "step_seconds": a.step_seconds, "sec_per_fe": a.sec_per_fe,
+            "batch_size": a.batch_size, "max_length": a.max_length, "objective": a.objective,
+            "distribution": a.distribution, "n_directions": a.n_directions, "step_seconds": a.step_seconds,
+            "sec_per_fe": a.sec_per_fe,
             "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine()}
     if method == "zeroshot":
         dev = evaluate(model, obj, splits.dev, a.eval_batch_size)

@@ -29,6 +29,13 @@ def load(path: str | Path) -> list[dict]:
     return rows
 
 
+def task_of(r: dict) -> str:
+    """The task and, where it is not the harness's default 64, the max length (``rte (len 128)``): rows that
+    cut their prompts differently are different experiments."""
+    ml = r.get("max_length", 64)
+    return r["task"] if ml == 64 else f"{r['task']} (len {ml})"
+
+
 def is_main(r: dict) -> bool:
     """Rows of the main comparison (CE, Gaussian, one direction; the method's default eps)."""
     eps_default = 1e-3 if r["method"] == "mezo-full" else 1e-2
@@ -40,7 +47,7 @@ def choose(rows: list[dict], method: str, task: str, k: int) -> float:
     """The lr whose seed-0 run has the best dev evaluation at its largest budget."""
     last: dict[float, dict] = {}
     for r in rows:
-        if (r["method"], r["task"], r["k"], r["seed"]) == (method, task, k, 0) and is_main(r):
+        if (r["method"], task_of(r), r["k"], r["seed"]) == (method, task, k, 0) and is_main(r):
             if r["lr"] not in last or r["budget_min"] > last[r["lr"]]["budget_min"]:
                 last[r["lr"]] = r
     if not last:
@@ -56,7 +63,7 @@ def seeded_lr(rows: list[dict], method: str, task: str, k: int) -> float | None:
     """The lr a method was run at over the most seeds (the one taken to seeds 1, 2, ...), or None."""
     seeds: dict[float, set] = defaultdict(set)
     for r in rows:
-        if (r["method"], r["task"], r["k"]) == (method, task, k) and is_main(r):
+        if (r["method"], task_of(r), r["k"]) == (method, task, k) and is_main(r):
             seeds[r["lr"]].add(r["seed"])
     return max(seeds, key=lambda lr: (len(seeds[lr]), -lr)) if seeds else None
 
@@ -72,7 +79,7 @@ def main_table(rows: list[dict]) -> str:
     cells: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if is_main(r):
-            cells[(r["task"], r["k"], r["method"], r["lr"] if r["method"] != "zeroshot" else None)][
+            cells[(task_of(r), r["k"], r["method"], r["lr"] if r["method"] != "zeroshot" else None)][
                 r["budget_min"]].append(r)
     budgets = sorted({b for c in cells.values() for b in c if b > 0})
     head = "| task | k | method | lr | " + " | ".join(f"{b:g} min: acc % (steps, FE)" for b in budgets) + " | seeds |"
@@ -105,7 +112,7 @@ def main_table(rows: list[dict]) -> str:
 def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: str = "sst2") -> str:
     """MeZO-LoRA variants at equal steps and seed: seed-0 rows of ``task`` that ran ``steps`` steps at ``lr``."""
     sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["steps"] == steps
-           and r["task"] == task and (lr is None or r["lr"] == lr)]
+           and task_of(r) == task and (lr is None or r["lr"] == lr)]
     if not sel:
         raise ValueError(f"no seed-0 mezo-lora rows of {task} with {steps} steps" + (f" at lr {lr:g}" if lr else ""))
     out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
@@ -122,7 +129,7 @@ def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = sorted({r["task"] for r in rows if r["k"] == k and r["method"] != "zeroshot"})
+    tasks = sorted({task_of(r) for r in rows if r["k"] == k and r["method"] != "zeroshot"})
     if not tasks:
         raise ValueError(f"no trained runs with k={k} to plot")
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
@@ -133,17 +140,17 @@ def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
                 continue
             pts = defaultdict(list)
             for r in rows:
-                if (r["method"], r["task"], r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
+                if (r["method"], task_of(r), r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
                     pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
             xs = sorted(pts)
             n = sorted({len(v) for v in pts.values()})
             ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
                         yerr=[statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o",
                         capsize=3, label=f"{method} (lr {lr:g}, {'-'.join(map(str, n))} seeds)")
-        zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and r["task"] == task]
+        zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and task_of(r) == task]
         if zs:
             ax.axhline(statistics.mean(zs), color="gray", ls="--", label="zero-shot")
-        if max((r["budget_min"] for r in rows if r["task"] == task), default=0) > 20:
+        if max((r["budget_min"] for r in rows if task_of(r) == task), default=0) > 20:
             ax.set_xscale("log")
         ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
         ax.set_ylabel(f"{task} reported-split accuracy (%)")

@@ -9,6 +9,7 @@
 #   DATA=../shared/data bash bench/run_quality.sh extra-a      # sign and -accuracy ablations
 #   DATA=../shared/data bash bench/run_quality.sh long         # seed 0 MeZO-LoRA to 60 minutes
 #   DATA=../shared/data bash bench/run_quality.sh extra-b      # RTE, full-parameter MeZO/backprop, eps, n
+#   DATA=../shared/data bash bench/run_quality.sh rte          # RTE at max length 128, 3 seeds
 #   DATA=../shared/data bash bench/run_quality.sh k512         # k = 512, MeZO-LoRA and backprop-LoRA
 #   .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl
 set -euo pipefail
@@ -18,6 +19,7 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-bench/out/quality}
 # medians of bench/out/quality/measure.jsonl: SST-2 / RTE, batch 16, SmolLM2-135M fp32, quiet box, 2 threads
 FWD=0.89 MEZO_LORA=1.81 BP_LORA=1.83 MEZO_FULL=1.74 BP_FULL=3.51 RTE_FWD=1.25 RTE_MEZO_LORA=2.54
+RTE128_FWD=2.53 RTE128_MEZO_LORA=5.23   # RTE at --max-length 128
 mkdir -p "$OUT/logs"
 
 q() {  # q NAME ARGS...: one run, its stderr kept in logs/NAME.log, skipped when that log says it finished
@@ -71,6 +73,12 @@ extra-b)      # RTE, full-parameter MeZO and backprop (lr grids), eps, n = 1 vs 
       --sec-per-fe $FWD --budgets-min 8
   q rte-mezo-lora-$m-s1 --method mezo-lora --task rte --lr "$m" --seed 1 --step-seconds $RTE_MEZO_LORA \
       --sec-per-fe $RTE_FWD --budgets-min 5 10 ;;
+rte)          # RTE at max length 128 (64 cuts 56 % of the reported split's prompts, from the left); SST-2's lr
+  m=${MEZO_LR:-2e-3}
+  R=(--task rte --max-length 128 --sec-per-fe $RTE128_FWD)
+  q zs-rte-128 --method zeroshot "${R[@]}"
+  for s in 0 1 2; do q rte128-mezo-lora-$m-s$s --method mezo-lora --lr "$m" --seed $s --step-seconds $RTE128_MEZO_LORA \
+      "${R[@]}" --budgets-min 5 10; done ;;
 k512)         # k = 512 at the k = 16 dev-chosen lrs (no grid: a 1,024-example dev evaluation costs ~1 CPU minute)
   m=${MEZO_LR:-2e-3}; b=$(chosen bp-lora sst2 16)
   q k512-mezo-lora-$m --method mezo-lora --k 512 --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD \
@@ -78,5 +86,5 @@ k512)         # k = 512 at the k = 16 dev-chosen lrs (no grid: a 1,024-example d
   q k512-bp-lora-$b --method bp-lora --k 512 --lr "$b" --step-seconds $BP_LORA --sec-per-fe $FWD \
       --budgets-min 5 --eval-every 150 &
   wait ;;
-*) echo "usage: bash bench/run_quality.sh grid|seeds-mezo|seeds-bp|extra-a|long|extra-b|k512" >&2; exit 2 ;;
+*) echo "usage: bash bench/run_quality.sh grid|seeds-mezo|seeds-bp|extra-a|long|extra-b|rte|k512" >&2; exit 2 ;;
 esac

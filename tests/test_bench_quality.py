@@ -74,6 +74,10 @@ def test_the_lr_choice_reads_only_the_dev_split(tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = qr.main_table(qr.load(p))
     assert "| sst2 | 16 | mezo-lora | 0.002 |" in table
+    long_rows = rows + [dict(row(1e-3, 0.5, 0.5, 0.5), max_length=128)]   # other prompt cuts: another experiment
+    assert "| sst2 (len 128) | 16 | mezo-lora | 0.001 |" in qr.main_table(long_rows)
+    assert qr.choose(long_rows, "mezo-lora", "sst2 (len 128)", 16) == 1e-3
+    assert qr.choose(long_rows, "mezo-lora", "sst2", 16) == 2e-3
 
 
 def test_ablations_compare_equal_steps_and_the_plot_has_a_panel_per_task(tmp_path):
