@@ -22,9 +22,9 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from . import rng, seedlog
+from . import rng
 from .param_groups import NoDecay, check_hyper, layout, no_decay
-from .optim_state import ReplayState, _Dir
+from .optim_state import ReplayState, _Dir, replay
 from .perturb import ParamSet
 from .virtual import VirtualPerturbation
 
@@ -73,8 +73,8 @@ class MeZO(ReplayState, torch.optim.Optimizer):
             (``distributed.sharded_params``) so that its z is exactly the z of a single-process run.
         groups: how a flat ``params`` list splits into groups, as ``config()["groups"]`` records it (replay).
         perturb: ``"virtual"`` or ``"inplace"`` (module docstring; default in place). Virtual keeps fp16/bf16
-            training at the inference peak without fp32 masters (full-parameter bf16 SmolLM2-135M: 1.01x against
-            1.93x with masters) but took 1.3-1.6x the in-place step time on the 2-core CPU (bench/RESULTS.md,
+            training at the inference peak without fp32 masters (full-parameter bf16 SmolLM2-135M: 1.02x against
+            2.27x with masters) but took 1.06-1.33x the in-place step time on the 2-core CPU (bench/RESULTS.md,
             step-cpu-perturb): choose it for memory.
         model: the ``nn.Module`` owning the parameters, for ``perturb="virtual"`` (a ValueError without it).
         distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the directions z.
@@ -346,27 +346,3 @@ def _perturb_mode(perturb: str | None, model, tensors: Sequence[torch.Tensor]) -
         raise ValueError("perturb='virtual' needs model=: the nn.Module that owns the parameters (its modules "
                          "see the perturbed tensors during their forward); or use perturb='inplace'")
     return perturb
-
-
-def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
-           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
-    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
-    backend and mode.
-
-    ``log``: a ``seeds.jsonl`` path, ``(header, records)``, a ``MeZO.state_dict()``, or records with ``config``.
-    ``config``: ``MeZO.config()`` of the run; default: the one the log carries (a ValueError when both are there
-    and their modes differ: another distribution would replay other directions). ``model``: the module owning
-    ``params``, needed to continue training a virtual-perturbation run (replay itself runs no forward). Returns
-    the optimizer, ready to continue training (resume)."""
-    logged, records = seedlog.load(log)
-    if config is not None and logged is not None:
-        seedlog.check_modes(logged, config)
-    cfg = dict(config if config is not None else logged or {})
-    if not cfg:
-        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
-    if exact_restore is not None:
-        cfg["exact_restore"] = exact_restore
-    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
-    if model is None and cfg.get("perturb") == "virtual":
-        model = _NO_FORWARDS
-    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)

@@ -1,4 +1,5 @@
-"""MeZO's replay log and checkpoint side: ``config``, ``replay_``, ``state_dict``, ``load_state_dict``.
+"""MeZO's replay log and checkpoint side: ``config``, ``replay_``, ``state_dict``, ``load_state_dict``, and
+:func:`replay`, which rebuilds trained weights from a seed log.
 
 A mixin of :class:`~mezo_kernels.optim.MeZO` (which provides the state used here: the param sets, the flat order,
 the counters and ``_run_step``). Replay repeats the logged steps' weight operations through ``_run_step`` with the
@@ -7,12 +8,16 @@ logged g instead of losses, so it lands on the same bits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from . import seedlog
 
-__all__ = ["ReplayState"]
+if TYPE_CHECKING:
+    from .optim import MeZO
+
+__all__ = ["ReplayState", "replay"]
 
 
 @dataclass
@@ -121,3 +126,28 @@ class ReplayState:
                 for m, src in zip(ps.masters(), saved):
                     if m is not None and src is not None and src.data_ptr() != m.data_ptr():
                         m.copy_(src)
+
+
+def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
+           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
+    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
+    backend and mode.
+
+    ``log``: a ``seeds.jsonl`` path, ``(header, records)``, a ``MeZO.state_dict()``, or records with ``config``.
+    ``config``: ``MeZO.config()`` of the run; default: the one the log carries (a ValueError when both are there
+    and their modes differ: another distribution would replay other directions). ``model``: the module owning
+    ``params``, needed to continue training a virtual-perturbation run (replay itself runs no forward). Returns
+    the optimizer, ready to continue training (resume)."""
+    from .optim import _NO_FORWARDS, MeZO     # MeZO mixes ReplayState in: imported when called, not at load
+    logged, records = seedlog.load(log)
+    if config is not None and logged is not None:
+        seedlog.check_modes(logged, config)
+    cfg = dict(config if config is not None else logged or {})
+    if not cfg:
+        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
+    if exact_restore is not None:
+        cfg["exact_restore"] = exact_restore
+    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
+    if model is None and cfg.get("perturb") == "virtual":
+        model = _NO_FORWARDS
+    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)
