@@ -109,10 +109,11 @@ def main_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: str = "sst2") -> str:
-    """MeZO-LoRA variants at equal steps and seed: seed-0 rows of ``task`` that ran ``steps`` steps at ``lr``."""
+def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: str = "sst2", k: int = 16) -> str:
+    """MeZO-LoRA variants at equal steps and seed: seed-0 rows of ``task`` at ``k`` that ran ``steps`` steps at
+    ``lr``."""
     sel = [r for r in rows if r["method"] == "mezo-lora" and r["seed"] == 0 and r["steps"] == steps
-           and task_of(r) == task and (lr is None or r["lr"] == lr)]
+           and task_of(r) == task and r["k"] == k and (lr is None or r["lr"] == lr)]
     if not sel:
         raise ValueError(f"no seed-0 mezo-lora rows of {task} with {steps} steps" + (f" at lr {lr:g}" if lr else ""))
     out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
@@ -123,13 +124,14 @@ def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: 
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
+def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = None) -> list[str]:
     """Reported-split accuracy against the quiet-machine budget: one panel per task, one line per method at the
     lr it was taken to seeds with (its dev-chosen lr). Returns the tasks drawn, one panel each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = sorted({task_of(r) for r in rows if r["k"] == k and r["method"] != "zeroshot"})
+    have = sorted({task_of(r) for r in rows if r["k"] == k and r["method"] != "zeroshot"})
+    tasks = [t for t in tasks if t in have] if tasks else have
     if not tasks:
         raise ValueError(f"no trained runs with k={k} to plot")
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
@@ -138,6 +140,9 @@ def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
             lr = seeded_lr(rows, method, task, k)
             if lr is None:
                 continue
+            at = {r["seed"] for r in rows if (r["method"], task_of(r), r["k"], r["lr"]) == (method, task, k, lr)}
+            if len(at) == 1:
+                lr = choose(rows, method, task, k)          # a one-seed grid: the dev split's choice
             pts = defaultdict(list)
             for r in rows:
                 if (r["method"], task_of(r), r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
@@ -152,6 +157,9 @@ def plot(rows: list[dict], path: str, k: int = 16) -> list[str]:
             ax.axhline(statistics.mean(zs), color="gray", ls="--", label="zero-shot")
         if max((r["budget_min"] for r in rows if task_of(r) == task), default=0) > 20:
             ax.set_xscale("log")
+            ticks = sorted({r["budget_min"] for r in rows if task_of(r) == task and r["budget_min"] > 0 and is_main(r)})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
         ax.set_ylabel(f"{task} reported-split accuracy (%)")
         ax.set_title(f"SmolLM2-135M, {task} k={k}: weights chosen on the dev split", fontsize=10)
@@ -169,6 +177,7 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="sst2")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--plot", default=None)
+    p.add_argument("--plot-tasks", nargs="*", default=None, help="panels to draw (default: every task at --k)")
     p.add_argument("--ablation-steps", type=int, nargs="*", default=[], help="one ablation table per step count")
     p.add_argument("--ablation-lr", type=float, default=None)
     a = p.parse_args(argv)
@@ -179,9 +188,9 @@ def main(argv=None) -> None:
     print(main_table(rows))
     for steps in a.ablation_steps:
         print()
-        print(ablation_table(rows, steps, a.ablation_lr, a.task))
+        print(ablation_table(rows, steps, a.ablation_lr, a.task, a.k))
     if a.plot:
-        plot(rows, a.plot, a.k)
+        plot(rows, a.plot, a.k, a.plot_tasks)
 
 
 if __name__ == "__main__":

@@ -87,18 +87,18 @@ def test_ablations_compare_equal_steps_and_the_plot_has_a_panel_per_task(tmp_pat
              "dev": {"accuracy": 0.5, "loss": 1.0}, "test": {"accuracy": test_acc}, "zero_grad_rate": 0.0}
         return dict(r, **kw)
     rows = [row(67, 0.61), row(67, 0.62, n_directions=4, budget_min=8), row(166, 0.65),
-            row(67, 0.99, seed=1), row(67, 0.98, task="rte"), row(67, 0.97, lr=1e-3)]
+            row(67, 0.99, seed=1), row(67, 0.98, task="rte"), row(67, 0.97, lr=1e-3), row(67, 0.96, k=512)]
     table = qr.ablation_table(rows, 67, 2e-3)
     lines = table.splitlines()[2:]
     assert [line.split(" | ")[0] for line in lines] == ["| ce, gaussian, n=1", "| ce, gaussian, n=4"]
-    assert "61.0" in lines[0] and "62.0" in lines[1]             # not the other seed, task, lr or step count
+    assert "61.0" in lines[0] and "62.0" in lines[1]             # not the other seed, task, lr, k or step count
     with pytest.raises(ValueError, match="no seed-0 mezo-lora rows of sst2 with 5 steps"):
         qr.ablation_table(rows, 5)
     rows.append(dict(row(0, 0.5), method="zeroshot", budget_min=0))
     assert qr.plot(rows, str(tmp_path / "q.png")) == ["rte", "sst2"]
     assert (tmp_path / "q.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="no trained runs with k=512"):
-        qr.plot(rows, str(tmp_path / "q2.png"), k=512)
+    with pytest.raises(ValueError, match="no trained runs with k=64"):
+        qr.plot(rows, str(tmp_path / "q2.png"), k=64)
 
 
 def test_bad_arguments_are_refused(data, capsys):
