@@ -157,7 +157,8 @@ def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = Non
             ax.axhline(statistics.mean(zs), color="gray", ls="--", label="zero-shot")
         if max((r["budget_min"] for r in rows if task_of(r) == task), default=0) > 20:
             ax.set_xscale("log")
-            ticks = sorted({r["budget_min"] for r in rows if task_of(r) == task and r["budget_min"] > 0 and is_main(r)})
+            ticks = sorted({r["budget_min"] for r in rows
+                            if task_of(r) == task and r["budget_min"] > 0 and is_main(r)})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
         ax.set_xlabel("budget (minutes of the quiet 2-core CPU, training only)")
