@@ -116,7 +116,8 @@ def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: 
            and task_of(r) == task and r["k"] == k and (lr is None or r["lr"] == lr)]
     if not sel:
         raise ValueError(f"no seed-0 mezo-lora rows of {task} with {steps} steps" + (f" at lr {lr:g}" if lr else ""))
-    out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |", "|---|---|---|---|---|---|---|"]
+    out = ["| variant | lr | eps | steps | test acc % | dev acc % | zero-gradient rate |",
+           "|---|---|---|---|---|---|---|"]
     for r in sorted(sel, key=lambda r: (r["objective"], r["distribution"], r["n_directions"], r["eps"], r["lr"])):
         name = f"{r['objective']}, {r['distribution']}, n={r['n_directions']}"
         out.append(f"| {name} | {r['lr']:g} | {r['eps']:g} | {r['steps']} | {100 * r['test']['accuracy']:.1f} | "
