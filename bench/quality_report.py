@@ -36,6 +36,11 @@ def task_of(r: dict) -> str:
     return r["task"] if ml == 64 else f"{r['task']} (len {ml})"
 
 
+def _cell(r: dict, method: str, task: str, k: int) -> bool:
+    """``r`` is a main-comparison row of ``method`` on ``task`` (as :func:`task_of` names it) at ``k``."""
+    return (r["method"], task_of(r), r["k"]) == (method, task, k) and is_main(r)
+
+
 def is_main(r: dict) -> bool:
     """Rows of the main comparison (CE, Gaussian, one direction; the method's default eps)."""
     eps_default = 1e-3 if r["method"] == "mezo-full" else 1e-2
@@ -47,7 +52,7 @@ def choose(rows: list[dict], method: str, task: str, k: int) -> float:
     """The lr whose seed-0 run has the best dev evaluation at its largest budget."""
     last: dict[float, dict] = {}
     for r in rows:
-        if (r["method"], task_of(r), r["k"], r["seed"]) == (method, task, k, 0) and is_main(r):
+        if _cell(r, method, task, k) and r["seed"] == 0:
             if r["lr"] not in last or r["budget_min"] > last[r["lr"]]["budget_min"]:
                 last[r["lr"]] = r
     if not last:
@@ -60,12 +65,13 @@ def choose(rows: list[dict], method: str, task: str, k: int) -> float:
 
 
 def seeded_lr(rows: list[dict], method: str, task: str, k: int) -> float | None:
-    """The lr a method was run at over the most seeds (the one taken to seeds 1, 2, ...), or None."""
+    """The lr a method was taken to seeds 1, 2, ... with (the most seeds), or None when no lr ran on two seeds."""
     seeds: dict[float, set] = defaultdict(set)
     for r in rows:
-        if (r["method"], task_of(r), r["k"]) == (method, task, k) and is_main(r):
+        if _cell(r, method, task, k):
             seeds[r["lr"]].add(r["seed"])
-    return max(seeds, key=lambda lr: (len(seeds[lr]), -lr)) if seeds else None
+    best = max(seeds, key=lambda lr: (len(seeds[lr]), -lr)) if seeds else None
+    return best if best is not None and len(seeds[best]) > 1 else None
 
 
 def _ms(xs: list[float]) -> str:
@@ -127,7 +133,7 @@ def ablation_table(rows: list[dict], steps: int, lr: float | None = None, task: 
 
 def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = None) -> list[str]:
     """Reported-split accuracy against the quiet-machine budget: one panel per task, one line per method at the
-    lr it was taken to seeds with (its dev-chosen lr). Returns the tasks drawn, one panel each."""
+    lr it was taken to seeds with, else the lr the dev split chose. Returns the tasks drawn, one panel each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,14 +145,13 @@ def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = Non
     for ax, task in zip(axes[0], tasks):
         for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
             lr = seeded_lr(rows, method, task, k)
-            if lr is None:
-                continue
-            at = {r["seed"] for r in rows if (r["method"], task_of(r), r["k"], r["lr"]) == (method, task, k, lr)}
-            if len(at) == 1:
-                lr = choose(rows, method, task, k)          # a one-seed grid: the dev split's choice
+            if lr is None:                                  # a one-seed grid: the dev split's choice
+                if not any(_cell(r, method, task, k) for r in rows):
+                    continue
+                lr = choose(rows, method, task, k)
             pts = defaultdict(list)
             for r in rows:
-                if (r["method"], task_of(r), r["k"], r["lr"]) == (method, task, k, lr) and is_main(r):
+                if _cell(r, method, task, k) and r["lr"] == lr:
                     pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
             xs = sorted(pts)
             n = sorted({len(v) for v in pts.values()})

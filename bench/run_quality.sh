@@ -9,7 +9,7 @@
 #   DATA=../shared/data bash bench/run_quality.sh extra-a      # sign and -accuracy ablations
 #   DATA=../shared/data bash bench/run_quality.sh long         # seed 0 MeZO-LoRA to 60 minutes
 #   DATA=../shared/data bash bench/run_quality.sh extra-b      # RTE, full-parameter MeZO/backprop, eps, n
-#   DATA=../shared/data bash bench/run_quality.sh rte          # RTE at max length 128, 3 seeds
+#   DATA=../shared/data bash bench/run_quality.sh rte          # RTE at max length 128, 2 seeds
 #   DATA=../shared/data bash bench/run_quality.sh k512         # k = 512, MeZO-LoRA and backprop-LoRA
 #   .venv/bin/python bench/quality_report.py bench/out/quality/runs.jsonl
 set -euo pipefail
@@ -53,7 +53,7 @@ extra-a)      # ablations at the demo's lr, seed 0, against the grid's Gaussian 
   ONE=(--method mezo-lora --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD)
   q abl-sign "${ONE[@]}" --budgets-min 5 --distribution rademacher
   q abl-negacc "${ONE[@]}" --budgets-min 2 --objective neg_accuracy ;;
-long)         # the dev-chosen MeZO-LoRA lr on seed 0 out to 60 minutes (5 and 10 are the grid run's, same bits)
+long)         # the dev-chosen MeZO-LoRA lr on seed 0 out to 60 minutes (same seed and data order as the grid run)
   m=${MEZO_LR:-2e-3}
   q mezo-lora-$m-long --method mezo-lora --lr "$m" --step-seconds $MEZO_LORA --sec-per-fe $FWD --budgets-min 15 30 60 ;;
 extra-b)      # RTE, full-parameter MeZO and backprop (lr grids), eps, n = 1 vs 4 at equal steps
