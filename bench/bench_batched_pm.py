@@ -21,9 +21,10 @@ import time
 
 import torch
 
-from mezo_kernels import data, models, objectives, tasks
-from mezo_kernels.batched_pm import batched_pm_losses, pm_grads
-from mezo_kernels.forward import ForwardEngine
+from mezo_kernels.tasks import data, objectives, registry as tasks
+from mezo_kernels import models
+from mezo_kernels.train.batched_pm import batched_pm_losses, pm_grads
+from mezo_kernels.forward.engine import ForwardEngine
 from mezo_kernels.optim import MeZO
 from mezo_kernels.perturb import ParamSet
 

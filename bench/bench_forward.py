@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_perturb import device_label  # noqa: E402
 from results import replace_section  # noqa: E402
 
-from mezo_kernels import data, models, objectives, tasks  # noqa: E402
-from mezo_kernels.forward import ForwardEngine  # noqa: E402
+from mezo_kernels.tasks import data, objectives, registry as tasks  # noqa: E402
+from mezo_kernels import models
+from mezo_kernels.forward.engine import ForwardEngine  # noqa: E402
 from mezo_kernels.optim import MeZO  # noqa: E402
 
 MODES = {"plain": ForwardEngine.plain, "reuse": ForwardEngine}

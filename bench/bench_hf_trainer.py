@@ -76,7 +76,8 @@ def run_hf(seed: int, steps: int, out: Path, data_dir: str | None, before: bool)
     from safetensors.torch import load_file
     from transformers import TrainingArguments
 
-    from mezo_kernels import data, trainer
+    from mezo_kernels.tasks import data
+    from mezo_kernels.train import loop as trainer
     from mezo_kernels.hf import MeZOTrainer, ObjectiveModel, StepBatches, collate_examples
 
     t_all = time.perf_counter()

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mezo_kernels as mk  # noqa: E402
-from mezo_kernels.dispatch import unsupported_reason  # noqa: E402
+from mezo_kernels.kernels import unsupported_reason  # noqa: E402
 from mezo_kernels.rng import KernelMode  # noqa: E402
 from results import replace_section  # noqa: E402
 from tensor_sets import make, tensor_sets  # noqa: E402

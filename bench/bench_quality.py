@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from mezo_kernels import data, objectives
+from mezo_kernels.tasks import data, objectives
 from mezo_kernels.optim import MeZO
-from mezo_kernels.selection import BestWeights
-from mezo_kernels.trainer import TrainConfig, batch_for, build, evaluate
+from mezo_kernels.train.selection import BestWeights
+from mezo_kernels.train.loop import TrainConfig, batch_for, build, evaluate
 
 METHODS = ("zeroshot", "mezo-lora", "mezo-full", "bp-lora", "bp-full")
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mezo_kernels.selection import is_better  # noqa: E402
+from mezo_kernels.train.selection import is_better  # noqa: E402
 
 BASELINE = dict(objective="ce", distribution="gaussian", n_directions=1, eps=None)
 

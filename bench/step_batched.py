@@ -53,7 +53,7 @@ class TokenLM:
 def batched_step(model: torch.nn.Module, ids: torch.Tensor, opt, on_forward=None) -> Callable[[], dict]:
     """A step function: ``opt.step_batched`` with every ± pass of ``opt.n_directions`` directions in one forward
     of ``2 * n * B`` rows. ``opt``: a ``MeZO`` with ``perturb="virtual"`` over LoRA adapters of ``model``."""
-    from mezo_kernels.batched_pm import make_pm_fn
+    from mezo_kernels.train.batched_pm import make_pm_fn
     pm_fn = make_pm_fn(model, TokenLM(on_forward), ids, opt.param_sets)
 
     def step():

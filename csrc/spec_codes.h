@@ -1,4 +1,4 @@
-// Generated from mezo_kernels/rng.py by `python tools/gen_spec_header.py`; do not edit.
+// Generated from mezo_kernels/rng/ by `python tools/gen_spec_header.py`; do not edit.
 // The spec's shared codes for the C++ and CUDA backends; tests/test_spec_codes.py checks this file
 // against mezo_kernels/rng.py and against the values compiled into the extensions.
 #pragma once

@@ -5,7 +5,7 @@ a seed log) and ``StepResult``; the perturbation API ``ParamSet``, ``fill_normal
 (the +/- passes seen by a model's modules without writing its weights).
 The RNG spec lives in ``mezo_kernels.rng``; the ``transformers.Trainer`` / TRL integration in ``mezo_kernels.hf``.
 """
-from .dispatch import backends
+from .kernels import backends
 from .optim import MeZO, StepResult, replay
 from .perturb import ParamSet, fill_normal_, fill_sign_
 from .virtual import VirtualPerturbation

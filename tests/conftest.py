@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("MEZO_BACKEND", None)  # the tests choose backends explicitly
 
-from mezo_kernels.dispatch import NAMES, unavailable_reason  # noqa: E402
+from mezo_kernels.kernels import NAMES, unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mezo_kernels import rng
-from mezo_kernels.dispatch import NAMES, unsupported_reason
+from mezo_kernels.kernels import NAMES, unsupported_reason
 from conftest import DEVICE
 
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 
-from mezo_kernels import _compat, data, models, objectives, tasks
-from mezo_kernels.batched_pm import batched_pm_losses, make_pm_fn, pm_grads, tile_encoding
-from mezo_kernels.forward import ForwardEngine
-from mezo_kernels.grouped_lora import GroupedLoRA
+from mezo_kernels.tasks.records import Example
+from mezo_kernels.tasks.spec import task_from_dict
+from mezo_kernels import _compat, models
+from mezo_kernels.tasks import data, objectives, registry as tasks
+from mezo_kernels.train.batched_pm import batched_pm_losses, make_pm_fn, pm_grads, tile_encoding
+from mezo_kernels.forward.engine import ForwardEngine
+from mezo_kernels.virtual.grouped_lora import GroupedLoRA
 from mezo_kernels.perturb import ParamSet
 
 TOL = 1e-5
@@ -17,7 +20,7 @@ EPS = 1e-2
 SEEDS = [11, 202, 3003, 40004]
 LEAD = "the movie was a long walk through good and bad and fun and boring scenes"
 WORDS = ["fun", "bad", "plot", "film", "good", "acting"]
-MULTI = tasks.Task.from_dict({"name": "multi", "verbalizer": {0: "very bad", 1: "quite good fun"},
+MULTI = task_from_dict({"name": "multi", "verbalizer": {0: "very bad", 1: "quite good fun"},
                               "template": "*cls**sent_0*_It_was*mask*.*sep+*",
                               "causal_template": "{text_a} It was {mask}",
                               "columns": {"text_a": "sentence", "label": "label"}})
@@ -35,7 +38,7 @@ def _model(first_layer=0, kind="tiny-llama"):
 
 
 def _batch():
-    return [data.Example(f"{LEAD} {w} {w}", None, i % 2) for i, w in enumerate(WORDS)]
+    return [Example(f"{LEAD} {w} {w}", None, i % 2) for i, w in enumerate(WORDS)]
 
 
 def _engine(name):

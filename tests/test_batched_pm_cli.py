@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from mezo_kernels.cli import main  # noqa: E402
+from mezo_kernels.train.cli import main  # noqa: E402
 
 
 def _train(data_dir, out, *extra):

@@ -112,7 +112,7 @@ def test_bad_arguments_are_refused(data, capsys):
 
 def test_eval_best_scores_the_kept_weights_and_puts_the_current_ones_back():
     import torch
-    from mezo_kernels.selection import BestWeights
+    from mezo_kernels.train.selection import BestWeights
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     best = BestWeights([("w", w)])
     best.offer(1, {"accuracy": 0.5, "loss": 1.0})

@@ -9,9 +9,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("yaml")
 from conftest import write_sst2  # noqa: E402
-from mezo_kernels.cli import main  # noqa: E402
-from mezo_kernels.config_files import load_config_file  # noqa: E402
-from mezo_kernels.trainer import TrainConfig  # noqa: E402
+from mezo_kernels.train.cli import main  # noqa: E402
+from mezo_kernels.train.config_files import load_config_file  # noqa: E402
+from mezo_kernels.train.loop import TrainConfig  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 FAMILY = {"roberta-large": "tiny-roberta", "facebook/opt-13b": "tiny-opt"}

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mezo_kernels.data import Example, load_splits, read_glue_tsv, resolve_data_dir, subsample
-from mezo_kernels.tasks import TASKS, Columns, Task, get_task, task_names
+from mezo_kernels.tasks.spec import task_from_dict
+from mezo_kernels.tasks.records import Example
+from mezo_kernels.tasks.data import load_splits, read_glue_tsv, resolve_data_dir, subsample
+from mezo_kernels.tasks.registry import TASKS, get_task, task_names
+from mezo_kernels.tasks.records import Columns, Task
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("MEZO_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -128,7 +131,7 @@ def test_a_task_record_from_a_plain_dict_drives_reading(tmp_path, monkeypatch):
     spec = {"name": "toy", "label_words": {"0": "bad", "1": "good"}, "template": "{text_a} It was {mask} .",
             "columns": {"text_a": "review", "label": "stars"}, "label_names": {"neg": 0, "pos": 1},
             "description": "a test task"}
-    toy = Task.from_dict(spec)
+    toy = task_from_dict(spec)
     assert toy.num_classes == 2 and toy.words == ["bad", "good"] and toy.num_text_fields == 1
     assert toy.columns_for("dev") == Columns("review", None, "stars")
     monkeypatch.setitem(TASKS, "toy", toy)
@@ -136,7 +139,7 @@ def test_a_task_record_from_a_plain_dict_drives_reading(tmp_path, monkeypatch):
     assert read_glue_tsv(p, "toy") == [Example("fine", None, 1), Example("awful", None, 0)]
     with pytest.raises(ValueError, match=r"bad\.tsv:2: bad label 'entailment'"):
         read_glue_tsv(write(tmp_path / "bad.tsv", ["stars\treview", "entailment\tx"]), "toy")
-    pair = Task.from_dict({**spec, "name": "pair", "template": "{text_a} ? {mask} , {text_b}",
+    pair = task_from_dict({**spec, "name": "pair", "template": "{text_a} ? {mask} , {text_b}",
                            "causal_template": "{text_a} {text_b} {mask}",
                            "columns": {"train": {"text_a": "p", "text_b": "h"}, "dev": {"text_a": "a", "text_b": "b"}}})
     assert pair.num_text_fields == 2 and pair.columns_for("dev") == Columns("a", "b", "label")
@@ -158,14 +161,14 @@ def test_a_malformed_task_spec_names_its_field(change, field):
     spec = {"name": "toy", "label_words": {"0": "bad", "1": "good"}, "template": "{text_a} It was {mask} .",
             "columns": {"text_a": "review"}}
     with pytest.raises(ValueError, match=rf"task spec 'toy'.*{field}"):
-        Task.from_dict({**spec, **change})
+        task_from_dict({**spec, **change})
     for missing, fld in (("name", "name"), ("label_words", "verbalizer"), ("template", "template")):
         with pytest.raises(ValueError, match=f"field '{fld}': missing"):
-            Task.from_dict({k: v for k, v in spec.items() if k != missing})
+            task_from_dict({k: v for k, v in spec.items() if k != missing})
 
 
 def test_one_registry_serves_reading_prompts_and_the_cli(capsys, monkeypatch):
-    from mezo_kernels.cli import main
+    from mezo_kernels.train.cli import main
     assert task_names() == sorted(TASKS) == ["rte", "sst2"]
     monkeypatch.setitem(TASKS, "toy", Task("toy", {0: "a", 1: "b"}, "{text_a} {mask}"))
     with pytest.raises(SystemExit):

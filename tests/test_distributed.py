@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mezo_kernels import distributed as D
-from mezo_kernels.objectives import ObjectiveOutput, Reduction, objective_value
+from mezo_kernels.optim.shard import Shard, shard_range, sharded_params
+from mezo_kernels.train import data_parallel as D
+from mezo_kernels.tasks.metrics import ObjectiveOutput, Reduction, objective_value
 from mezo_kernels.optim import MeZO
 from mezo_kernels.perturb import ParamSet
 
@@ -147,13 +148,13 @@ def _unsharded_params(full):
 
 def _tp_worker(rank, out):
     full = _full_mlp()
-    lo, hi = D.shard_range(HID, rank, WORLD)
+    lo, hi = shard_range(HID, rank, WORLD)
     # Megatron MLP: W1 split by output rows (column-parallel), W2 by input columns (row-parallel), b2 replicated
     local = {"w1": full["w1"][lo:hi].clone().requires_grad_(), "b1": full["b1"][lo:hi].clone().requires_grad_(),
              "w2": full["w2"][:, lo:hi].contiguous().requires_grad_(), "b2": full["b2"].clone().requires_grad_()}
-    shards = [D.Shard("w1", local["w1"], (HID, IN), 0, lo), D.Shard("b1", local["b1"], (HID,), 0, lo),
-              D.Shard("w2", local["w2"], (OUT, HID), 1, lo), D.Shard("b2", local["b2"], (OUT,))]
-    params, bases = D.sharded_params(shards)
+    shards = [Shard("w1", local["w1"], (HID, IN), 0, lo), Shard("b1", local["b1"], (HID,), 0, lo),
+              Shard("w2", local["w2"], (OUT, HID), 1, lo), Shard("b2", local["b2"], (OUT,))]
+    params, bases = sharded_params(shards)
 
     def gather_full():
         parts = {}
@@ -228,16 +229,16 @@ def test_sharded_perturbation_and_update_equal_unsharded_bit_for_bit(tmp_path):
 
 
 def test_shard_helpers_validate():
-    assert [D.shard_range(7, r, 2) for r in range(2)] == [(0, 4), (4, 7)]
+    assert [shard_range(7, r, 2) for r in range(2)] == [(0, 4), (4, 7)]
     w = torch.zeros(3, 4)
-    params, bases = D.sharded_params([D.Shard("a", torch.zeros(5), (5,)), D.Shard("w", w, (6, 4), 0, 3)])
+    params, bases = sharded_params([Shard("a", torch.zeros(5), (5,)), Shard("w", w, (6, 4), 0, 3)])
     assert bases == [0, 8 + 12] and params[1][1] is w
-    params, bases = D.sharded_params([D.Shard("w", torch.zeros(2, 2), (2, 5), 1, 3)])
+    params, bases = sharded_params([Shard("w", torch.zeros(2, 2), (2, 5), 1, 3)])
     assert bases == [3, 8] and all(p.shape == (1, 2) for _, p in params)
     with pytest.raises(ValueError, match="outside"):
-        D.sharded_params([D.Shard("w", w, (4, 4), 0, 2)])
+        sharded_params([Shard("w", w, (4, 4), 0, 2)])
     with pytest.raises(ValueError, match="does not match"):
-        D.sharded_params([D.Shard("w", w, (6, 5), 0, 0)])
+        sharded_params([Shard("w", w, (6, 5), 0, 0)])
     with pytest.raises(ValueError, match="evenly"):
         D.rank_slice(list(range(5)), 0, 2)
     with pytest.raises(ValueError, match="not additive"):

@@ -29,7 +29,7 @@ if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ["RANK
             os._exit(17)
         return step(self, *a, **k)
     optim.MeZO.step = dying
-from mezo_kernels.cli import main
+from mezo_kernels.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -96,7 +96,7 @@ def test_torchrun_train_matches_single_process_within_rounding(dp_run, data_dir,
 
 
 def test_seed_log_of_a_two_process_run_replays_on_one_process(dp_run):
-    from mezo_kernels.cli import main
+    from mezo_kernels.train.cli import main
     out, _ = dp_run
     assert main(["replay", "--run", str(out), "--output", str(out / "replayed")]) == 0
     a, b = _adapter(out), _adapter(out, "replayed")

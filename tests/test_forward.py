@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from mezo_kernels import models
-from mezo_kernels.forward import ForwardEngine, attend, merge, plan_prefixes, sdpa_kernels_used
+from mezo_kernels.forward.engine import ForwardEngine
+from mezo_kernels.forward.attention import attend, merge
+from mezo_kernels.forward.plan import plan_prefixes
+from mezo_kernels._compat import sdpa_kernels_used
 from mezo_kernels.forward.attention import reference
 
 ATOL_F32 = 3e-5          # logits of the tiny models are O(1); split softmax changes the summation order only

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import mezo_kernels as mk
+from mezo_kernels.tasks.records import Example
+from mezo_kernels.tasks.spec import task_from_dict
 from mezo_kernels import models
-from mezo_kernels.forward import ForwardEngine
+from mezo_kernels.forward.engine import ForwardEngine
 from mezo_kernels.optim import MeZO
 from test_forward import ATOL_F32, _batch, _requests, _rows
 
@@ -134,7 +136,7 @@ def test_frozen_layer_reuse_is_exact_in_mezo_steps():
 
 
 def test_train_cli_no_prefix_reuse_same_losses(tmp_path, data_dir):
-    from mezo_kernels.cli import main
+    from mezo_kernels.train.cli import main
     runs = {}
     for flag in ([], ["--no-prefix-reuse"]):       # LoRA on layer 1 of 2: frozen-layer reuse applies
         out = tmp_path / ("plain" if flag else "reuse")
@@ -154,10 +156,10 @@ def test_train_cli_no_prefix_reuse_same_losses(tmp_path, data_dir):
 
 def test_objective_shares_a_common_prompt_prefix():
     """Examples whose text starts alike share that prefix in the objective's batch: same scores, less work."""
-    from mezo_kernels import data, objectives, tasks
+    from mezo_kernels.tasks import data, objectives, registry as tasks
     model, tok, _ = models.load_model("tiny-llama", seed=2)
     lead = "the movie was a long walk through good and bad and fun and boring scenes"
-    batch = [data.Example(f"{lead} {w} {w}", None, i % 2) for i, w in enumerate(["fun", "bad", "plot", "film"])]
+    batch = [Example(f"{lead} {w} {w}", None, i % 2) for i, w in enumerate(["fun", "bad", "plot", "film"])]
     task = tasks.get_task("sst2")
     eng = ForwardEngine()
     with torch.no_grad():

@@ -10,8 +10,9 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from mezo_kernels import data, trainer  # noqa: E402
-from mezo_kernels.data import Example  # noqa: E402
+from mezo_kernels.tasks import data  # noqa: E402
+from mezo_kernels.train import loop as trainer
+from mezo_kernels.tasks.records import Example  # noqa: E402
 from mezo_kernels.hf import MeZOTrainer, ObjectiveModel, StepBatches, collate_examples  # noqa: E402
 
 STEPS, BATCH = 4, 4

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mezo_kernels.data import Example
+from mezo_kernels.tasks.records import Example
 from mezo_kernels.models import TINY_MODELS, add_lora, load_model, model_kind, trainable_parameters, unwrap
-from mezo_kernels.objectives import make_objective
-from mezo_kernels.tasks import get_task
+from mezo_kernels.tasks.objectives import make_objective
+from mezo_kernels.tasks.registry import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 

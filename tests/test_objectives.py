@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from mezo_kernels.data import Example
+from mezo_kernels.tasks.records import Example
 from mezo_kernels.models import add_lora, load_model
-from mezo_kernels.objectives import (CausalLMObjective, MaskedLMObjective, ObjectiveOutput, Reduction, accuracy,
-                                     f1, make_objective, objective_value, scalar_objective)
-from mezo_kernels.tasks import Task, get_task
+from mezo_kernels.tasks.objectives import CausalLMObjective, MaskedLMObjective, make_objective
+from mezo_kernels.tasks.metrics import ObjectiveOutput, Reduction, accuracy, f1, objective_value, scalar_objective
+from mezo_kernels.tasks.records import Task
+from mezo_kernels.tasks.registry import get_task
 
 SST2 = [Example("a great film with charming actors", None, 1), Example("a boring mess", None, 0),
         Example("the story was dull and the script was stupid", None, 0), Example("it was fun", None, 1),

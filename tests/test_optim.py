@@ -259,7 +259,7 @@ def test_state_dict_resumes_bit_exactly_without_replay(tmp_path):
 
 
 def test_replay_from_the_log_alone(tmp_path):
-    from mezo_kernels.seedlog import SeedLogWriter
+    from mezo_kernels.optim.seedlog import SeedLogWriter
     named = _pair(torch.float32)
     opt = MeZO(named, lr=1e-2, eps=1e-2, weight_decay=0.1, seed=9, n_directions=2, exact_restore=False)
     for _ in range(6):

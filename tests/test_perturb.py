@@ -4,7 +4,7 @@ import torch
 
 import mezo_kernels as mk
 from mezo_kernels import rng
-from mezo_kernels.dispatch import unavailable_reason
+from mezo_kernels.kernels import unavailable_reason
 from conftest import DEVICE, backend_params, guarded, guards_intact
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

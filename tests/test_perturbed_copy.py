@@ -111,7 +111,7 @@ def test_errors_name_the_problem():
 
 
 def test_forced_backend_without_the_mode_is_a_value_error(monkeypatch):
-    from mezo_kernels import dispatch
+    from mezo_kernels import kernels as dispatch
     ps = mk.ParamSet([torch.zeros(5)], backend="torch")
     monkeypatch.setattr(dispatch._Torch, "unsupported", staticmethod(lambda mode, dist: f"no {mode.name} here"))
     with pytest.raises(ValueError, match="no OUT here"):

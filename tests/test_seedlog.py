@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mezo_kernels.seedlog import SeedLogWriter, read_log
+from mezo_kernels.optim.seedlog import SeedLogWriter, read_log
 
 CFG = {"lr": 1e-3, "eps": 1e-2, "seed": 0}
 RECS = [{"step": i, "seed": 2**63 + i, "g": -0.1 * i, "lr": 1e-3, "wd": 0.0} for i in range(5)]
@@ -53,7 +53,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_group_records_round_trip_and_every_log_form_loads(tmp_path):
-    from mezo_kernels.seedlog import load
+    from mezo_kernels.optim.seedlog import load
     p = str(tmp_path / "s.jsonl")
     rec = {**RECS[0], "groups": [[1e-3, 0.1], [5e-4, 0.0]]}
     w = SeedLogWriter(p, CFG); w.append([rec]); w.close()
@@ -72,7 +72,7 @@ def test_group_records_round_trip_and_every_log_form_loads(tmp_path):
 
 
 def test_header_spells_out_the_modes_and_old_configs_read_as_in_place(tmp_path):
-    from mezo_kernels.seedlog import modes
+    from mezo_kernels.optim.seedlog import modes
     p = str(tmp_path / "s.jsonl")
     SeedLogWriter(p, {**CFG, "perturb": "virtual", "distribution": "rademacher"}).close()
     head, _ = read_log(p)
@@ -81,7 +81,7 @@ def test_header_spells_out_the_modes_and_old_configs_read_as_in_place(tmp_path):
 
 
 def test_check_modes_names_the_differing_mode():
-    from mezo_kernels.seedlog import check_modes
+    from mezo_kernels.optim.seedlog import check_modes
     check_modes(CFG, {**CFG, "distribution": "gaussian"})           # the default spelled out: same modes
     with pytest.raises(ValueError, match="distribution='rademacher'.*distribution='gaussian'"):
         check_modes({**CFG, "distribution": "rademacher"}, CFG)

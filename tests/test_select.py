@@ -10,9 +10,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from mezo_kernels.cli import main  # noqa: E402
-from mezo_kernels.selection import BestWeights, is_better  # noqa: E402
-from mezo_kernels.trainer import TrainConfig, train  # noqa: E402
+from mezo_kernels.train.cli import main  # noqa: E402
+from mezo_kernels.train.selection import BestWeights, is_better  # noqa: E402
+from mezo_kernels.train.loop import TrainConfig, train  # noqa: E402
 
 # lr high enough that the tiny model's dev accuracy moves between evaluations
 ARGS = ["--model", "tiny-llama", "--k", "8", "--batch-size", "4", "--eval-every", "2", "--no-progress",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mezo_kernels as mk
-from mezo_kernels import dispatch, rng
+from mezo_kernels import kernels as dispatch, rng
 from mezo_kernels.rng import Distribution, KernelMode
 from conftest import DEVICE, guarded, guards_intact
 from kernel_cases import assert_same_bits, feature_backends
@@ -117,7 +117,7 @@ def test_extension_signature_follows_its_build(monkeypatch, with_dist):
     monkeypatch.setitem(dispatch._REGISTRY, "cpu", ext)
     cpu = torch.device("cpu")
     t = torch.zeros(8)
-    g = mk.perturb._Group([t], [0], None)
+    g = mk.perturb.plan._Group([t], [0], None)
     ext.launch(g, 9, 1.0, 0.5, 0.0, KernelMode.AXPBY)
     assert len(fake.calls[-1]) == (12 if with_dist else 11)          # dist sits after mode when supported
     if with_dist:

@@ -1,4 +1,4 @@
-"""The spec module (mezo_kernels/rng.py) is the one definition of every shared constant and code.
+"""The spec package (mezo_kernels/rng/) is the one definition of every shared constant and code.
 
 C++/CUDA read them from csrc/spec_codes.h, Triton as tl.constexpr globals, dispatch/perturb by name. These tests
 parse the header, ask the built extensions what they compiled in, and scan the other sources for copies, so a
@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mezo_kernels import dispatch, rng, spec_header
+from mezo_kernels import kernels as dispatch, rng
+from mezo_kernels.rng import header as spec_header
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / spec_header.HEADER_PATH
 CSRC = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
 PACKAGE = sorted((ROOT / "mezo_kernels").rglob("*.py"))
-KERNEL_PY = [ROOT / "mezo_kernels" / n for n in ("dispatch.py", "perturb.py", "perturb_copy.py", "plan.py",
+KERNEL_PY = [ROOT / "mezo_kernels" / n for n in ("kernels.py", "perturb/paramset.py", "perturb/copy.py", "perturb/plan.py",
                                                   "triton/axpby.py", "triton/philox.py", "triton/rounding.py")]
 HEX_CODES = {"PHILOX_M0": rng.PHILOX_M0, "PHILOX_M1": rng.PHILOX_M1, "PHILOX_W0": rng.PHILOX_W0,
              "PHILOX_W1": rng.PHILOX_W1, "UNIFORM_SCALE_BITS": rng.UNIFORM_SCALE_BITS,
@@ -128,7 +129,7 @@ def test_each_constant_is_written_once_in_python_and_once_in_cpp(name, value):
     pattern = re.compile(rf"\b0x{value:08X}(?![0-9a-f])", re.I)   # also with a C++ u suffix
     py = {p.relative_to(ROOT).as_posix(): len(pattern.findall(p.read_text())) for p in PACKAGE}
     cpp = {p.relative_to(ROOT).as_posix(): len(pattern.findall(p.read_text())) for p in CSRC}
-    assert {k: v for k, v in py.items() if v} == {"mezo_kernels/rng.py": 1}, name
+    assert {k: v for k, v in py.items() if v} == {"mezo_kernels/rng/philox.py": 1}, name
     assert {k: v for k, v in cpp.items() if v} == {spec_header.HEADER_PATH: 1}, name
 
 

@@ -5,14 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from mezo_kernels import tasks
-from mezo_kernels.data import Example, load_splits, load_task_splits
-from mezo_kernels.taskspec import load_task_spec, register_task
-from mezo_kernels.tasks import Columns, Task, get_task
+from mezo_kernels.tasks.spec import task_from_dict
+from mezo_kernels.tasks import registry as tasks
+from mezo_kernels.tasks.records import Example
+from mezo_kernels.tasks.data import load_splits, load_task_splits
+from mezo_kernels.tasks.spec import load_task_spec
+from mezo_kernels.tasks.registry import register_task
+from mezo_kernels.tasks.records import Columns, Task
+from mezo_kernels.tasks.registry import get_task
 
 pytest.importorskip("datasets")
 pytest.importorskip("yaml")
-from mezo_kernels.datafiles import read_data_file  # noqa: E402
+from mezo_kernels.tasks.files import read_data_file  # noqa: E402
 
 SPEC_YAML = """\
 columns: {text_a: review, label: stars}
@@ -48,9 +52,9 @@ def test_a_yaml_spec_describes_a_task(tmp_path):
 
 def test_integer_verbalizers():
     base = {"name": "x", "template": "{text_a} {mask}"}
-    t = Task.from_dict({**base, "verbalizer": {1: "good", 0: "bad"}})          # the classes themselves
+    t = task_from_dict({**base, "verbalizer": {1: "good", 0: "bad"}})          # the classes themselves
     assert t.words == ["bad", "good"] and t.label_names == {} and t.label_of(1.0) == 1
-    stars = Task.from_dict({**base, "verbalizer": {1: "bad", 2: "okay", 3: "good"}})   # values, not classes
+    stars = task_from_dict({**base, "verbalizer": {1: "bad", 2: "okay", 3: "good"}})   # values, not classes
     assert [stars.label_of(v) for v in (1, "2", 3, 0)] == [0, 1, 2, None]      # a bare 0 would be ambiguous
 
 

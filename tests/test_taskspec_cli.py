@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
 pytest.importorskip("yaml")
-from mezo_kernels.cli import main  # noqa: E402
+from mezo_kernels.train.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 _WORDS = ["good", "bad", "great", "terrible", "fun", "boring", "movie", "film", "plot", "acting"]
@@ -134,7 +134,7 @@ if sys.argv[1] == "import":
         print(e)
         sys.exit(3)
 else:
-    from mezo_kernels.cli import main
+    from mezo_kernels.train.cli import main
     sys.exit(main(sys.argv[1:]))
 """
 

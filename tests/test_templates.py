@@ -7,11 +7,12 @@ piece encoded alone without special tokens, one-character text looked up in the 
 import pytest
 
 pytest.importorskip("transformers")
-from mezo_kernels import lmbff  # noqa: E402
-from mezo_kernels.data import Example  # noqa: E402
+from mezo_kernels.tasks import lmbff  # noqa: E402
+from mezo_kernels.tasks.records import Example  # noqa: E402
 from mezo_kernels.models import build_tiny_tokenizer, load_model  # noqa: E402
-from mezo_kernels.objectives import CausalLMObjective, MaskedLMObjective  # noqa: E402
-from mezo_kernels.tasks import Task, get_task  # noqa: E402
+from mezo_kernels.tasks.objectives import CausalLMObjective, MaskedLMObjective  # noqa: E402
+from mezo_kernels.tasks.records import Task  # noqa: E402
+from mezo_kernels.tasks.registry import get_task
 
 SST2_LMBFF = "*cls**sent_0*_It_was*mask*.*sep+*"          # LM-BFF run_experiment.sh, SST-2
 RTE_LMBFF = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"      # LM-BFF run_experiment.sh, RTE

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from mezo_kernels.cli import main  # noqa: E402
+from mezo_kernels.train.cli import main  # noqa: E402
 
 
 def train(data_dir, out, *extra):
@@ -106,9 +106,9 @@ def test_bad_invocations_exit_2_with_a_message(data_dir, tmp_path, capsys, monke
 def test_only_rank_zero_writes_or_prints(data_dir, tmp_path, capsys):
     """The run context decides what a rank does: rank 1 of 2 trains and evaluates but writes and prints nothing.
     Without a process group its loss exchange reduces locally, so it ends where a single process does."""
-    from mezo_kernels.distributed import DistInfo
-    from mezo_kernels.run import Run
-    from mezo_kernels.trainer import TrainConfig, _train
+    from mezo_kernels.train.data_parallel import DistInfo
+    from mezo_kernels.train.run import Run
+    from mezo_kernels.train.loop import TrainConfig, _train
 
     def cfg(out):
         return TrainConfig(model="tiny-llama", data_dir=data_dir, output_dir=str(out), k=8, batch_size=4, steps=3,

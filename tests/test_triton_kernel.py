@@ -14,8 +14,10 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend is untestable here")
 
-from mezo_kernels import rng, rng_bits  # noqa: E402
-from mezo_kernels.triton import CHUNK, available, launch  # noqa: E402
+from mezo_kernels import rng  # noqa: E402
+from mezo_kernels.rng import bits as rng_bits
+from mezo_kernels.triton import CHUNK  # noqa: E402
+from mezo_kernels.triton.axpby import available, launch
 from mezo_kernels.triton import philox as P  # noqa: E402
 
 

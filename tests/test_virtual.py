@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mezo_kernels import models, weight_state
+from mezo_kernels import models
+from mezo_kernels.virtual import state as weight_state
 from mezo_kernels._compat import param_version
-from mezo_kernels.forward import ForwardEngine
+from mezo_kernels.forward.engine import ForwardEngine
 from mezo_kernels.optim import MeZO, replay
 from mezo_kernels.perturb import ParamSet
 from mezo_kernels.virtual import VirtualPerturbation
@@ -322,7 +323,7 @@ def test_cli_virtual_signs_train_resume_and_replay_bit_exactly(data_dir, tmp_pat
     resumed from its log and ``replay`` both land on the uninterrupted run's bits."""
     import json
     from safetensors.torch import load_file
-    from mezo_kernels.cli import main
+    from mezo_kernels.train.cli import main
 
     def train(out, steps, *extra):
         argv = ["train", "--model", "tiny-llama", "--data-dir", data_dir, "--output-dir", str(out), "--k", "4",

@@ -1,4 +1,4 @@
-"""Write csrc/spec_codes.h from the spec module (mezo_kernels/rng.py, via spec_header.py), or check it.
+"""Write csrc/spec_codes.h from the spec module (mezo_kernels/rng/, via mezo_kernels/rng/header.py), or check it.
 
     python tools/gen_spec_header.py          # rewrite the header
     python tools/gen_spec_header.py --check  # exit 1 if the committed header differs from the spec
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mezo_kernels import spec_header  # noqa: E402
+from mezo_kernels.rng import header as spec_header  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

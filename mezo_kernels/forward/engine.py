@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import weight_state
+from ..virtual import state as weight_state
 from .._compat import param_version, sdpa_kernels_used
 from ..models import unwrap
 from .batches import padded_work, part, plan_batches, stack

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _compat, rng
+from .. import _compat
+from .. import rng
 from .philox import interleave4, randn4x_counters, randn8_counters, randn_at, seed_words, stream_bits
 from .rounding import round_nearest, sround
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import _compat, rng, rng_bits
+from .. import _compat
+from .. import rng
+from ..rng import bits as rng_bits
 
 __all__ = ["round_bf16", "round_nearest", "sround"]
 

@@ -1,0 +1,257 @@
+"""Public fused-perturbation API: ``ParamSet`` (checked once, tables cached); ``fill_normal_``, ``fill_sign_``.
+
+A ``ParamSet`` holds an ordered list of tensors on one device. Tensor t gets the global base ``bases[t]`` (by
+default the spec's running sum, each base rounded up to a multiple of 4), so element i sees ``z[bases[t] + i]``
+whatever the grouping, dtype or backend. Tensors are grouped by dtype; each group gets a device-resident plan
+(pointer/numel/base tables plus a (tensor, chunk) table) built once, so a call sends only ``(seed, alpha, beta)``
+and makes one launch per group.
+
+Exact restore: fp16/bf16 groups keep an fp32 master copy by default. The visible weights are then always
+``round(master + s*z)``, so +eps, -eps, restore brings back the same bits every time (plain in-place mode drifts:
+theta + eps*z - 2*eps*z + eps*z != theta after rounding).
+
+Directions come from one distribution per set (``distribution="gaussian" | "rademacher"``; the spec's streams).
+``perturbed_copy``/``perturbed_copies`` write theta + offset*z into other buffers without touching theta (kernel
+mode OUT); ``update_(..., rounding="stochastic")`` rounds low-precision updates stochastically (mode AXPBY_SR).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .. import _compat
+from .. import kernels as _bk
+from .. import rng
+from .copy import CopyMixin
+from .plan import TensorLike, _Group, check_tensor as _check_tensor, fill_normal_, fill_sign_, split_named
+from ..rng import KernelMode
+
+__all__ = ["ParamSet", "fill_normal_", "fill_sign_", "split_named"]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ROUNDINGS = ("nearest", "stochastic")
+# the modes a set launches on its weights (perturb, restore, updates); OUT and AXPBY_SR are resolved when used
+_CORE_MODES = (KernelMode.AXPBY, KernelMode.MASTER_UPDATE, KernelMode.MASTER_VIEW)
+
+
+class ParamSet(CopyMixin):
+    """An ordered set of tensors updated in place by the fused seeded kernels.
+
+    Args:
+        params: tensors (fp32/fp16/bf16, contiguous, one device) or ``(name, tensor)`` pairs.
+        bases: explicit global base index per tensor (ints >= 0), e.g. so a shard reproduces the unsharded z.
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; ``$MEZO_BACKEND`` overrides it.
+        exact_restore: keep fp32 masters so restore is bit-exact. ``None`` (default): for fp16/bf16 groups only;
+            ``True``: every group; ``False``: none (plain in-place arithmetic, which drifts).
+        require_grad: raise if a tensor has ``requires_grad=False`` (for optimizers handed trainable params).
+        distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the z of every operation.
+    """
+
+    def __init__(self, params: Iterable[TensorLike], bases: Sequence[int] | None = None, backend: str = "auto",
+                 exact_restore: bool | None = None, require_grad: bool = False, distribution: str = "gaussian"):
+        self._dist = rng.distribution_code(distribution)
+        self.names, self._tensors = split_named(params)
+        if bases is not None:
+            bases = list(bases)
+            if len(bases) != len(self._tensors):
+                raise ValueError(f"bases has {len(bases)} entries for {len(self._tensors)} tensors")
+            for b in bases:
+                if isinstance(b, bool) or not isinstance(b, int) or b < 0 or b >= 2**62:
+                    raise ValueError(f"bases must be ints in [0, 2**62), got {b!r}")
+        self._explicit_bases = bases
+        self._backend_arg, self._exact, self._require_grad = backend, exact_restore, require_grad
+        self._active: tuple[int, float] | None = None   # (seed, offset): weights are theta + offset * z(seed)
+        self.version = 0                                 # bumped by every operation that writes the weights
+        self.launches = 0                                # kernel launches (one per group per operation)
+        self._build()
+
+    # ------------------------------------------------------------------------------------------- building
+    def _build(self) -> None:
+        tensors = self._tensors
+        for name, t in zip(self.names, tensors):
+            _check_tensor(name, t)
+            if self._require_grad and not t.requires_grad:
+                raise ValueError(f"{name}: requires_grad is False; pass only the trainable parameters")
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"mixed devices {sorted(map(str, devices))}: use one ParamSet per device")
+        ptrs = [t.data_ptr() for t in tensors if t.numel()]
+        if len(set(ptrs)) != len(ptrs):
+            raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
+        self.device = tensors[0].device
+        self.bases = self._explicit_bases or rng.default_bases(t.numel() for t in tensors)
+        self._backend = _bk.resolve(self._backend_arg, self.device, _CORE_MODES, self._dist)
+        self._mode_backends: dict[KernelMode, object] = {}
+        self._copy_plans: dict[int, _Group] = {}            # mode OUT: per tensor index, and per group (-1 - g)
+        order: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.numel():
+                order.setdefault(t.dtype, []).append(i)
+        self._groups = []
+        for dtype, idx in order.items():
+            exact = self._exact if self._exact is not None else dtype in _LOW_PRECISION
+            ts = [tensors[i].detach() for i in idx]
+            masters = [t.float().clone() for t in ts] if exact else None
+            self._groups.append(_Group(ts, [self.bases[i] for i in idx], masters))
+        self._group_index = list(order.values())             # tensor indices of each group, in group order
+        self._ptrs = [t.data_ptr() for t in tensors]
+
+    def _check_storage(self) -> None:
+        """Rebuild when a tensor's storage was replaced (``p.data = ...``); refuse mid-perturbation."""
+        if [t.data_ptr() for t in self._tensors] != self._ptrs:
+            if self._active is not None:
+                raise RuntimeError("a tensor's storage was replaced while the set was perturbed; "
+                                   "restore before swapping weights")
+            self._build()
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self._tensors)
+
+    @property
+    def distribution(self) -> str:
+        """``"gaussian"`` or ``"rademacher"``: the stream every operation of this set draws z from."""
+        return self._dist.label
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._tensors)
+
+    @property
+    def exact_restore(self) -> bool:
+        return any(g.masters is not None for g in self._groups)
+
+    @property
+    def perturbation(self) -> tuple[int, float] | None:
+        """``(seed, offset)`` while the weights are theta + offset*z(seed), else None."""
+        return self._active
+
+    def masters(self) -> list[torch.Tensor | None]:
+        """The fp32 master copy of each tensor (None where the group has none)."""
+        out: dict[int, torch.Tensor] = {}
+        for g in self._groups:
+            for t, m in zip(g.tensors, g.masters or [None] * len(g.tensors)):
+                out[t.data_ptr()] = m
+        return [out.get(t.data_ptr()) for t in self._tensors]
+
+    # ------------------------------------------------------------------------------------------- operations
+    def _backend_for(self, mode: KernelMode):
+        """The set's backend if it serves ``mode`` with the set's distribution, else (backend ``auto``) the first
+        that does; a named backend that does not is a ValueError saying why."""
+        if self._backend.unsupported(mode, self._dist) is None:
+            return self._backend
+        if mode not in self._mode_backends:
+            self._mode_backends[mode] = _bk.resolve(self._backend_arg, self.device, (mode,), self._dist)
+        return self._mode_backends[mode]
+
+    def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float],
+             master_mode: KernelMode, stochastic: bool = False) -> None:
+        """One launch per group: plain groups get AXPBY(alpha, beta) (AXPBY_SR for fp16/bf16 when ``stochastic``);
+        master groups ``master_mode`` with (alpha, beta, gamma) -- they differ because masters are never perturbed."""
+        for g in self._groups:
+            if g.masters:
+                self._backend.launch(g, seed, *master, master_mode, self._dist)
+            else:
+                mode = KernelMode.AXPBY_SR if stochastic and g.dtype in _LOW_PRECISION else KernelMode.AXPBY
+                self._backend_for(mode).launch(g, seed, plain[0], plain[1], 0.0, mode, self._dist)
+            # the kernels write through raw pointers, which PyTorch cannot see: bump each tensor's version
+            # counter as an in-place op would, so version-keyed caches (the forward engine's) never go stale
+            _compat.bump_version(g.tensors)
+            self.launches += 1
+        self.version += 1
+
+    def _prepare(self, seed: int) -> int:
+        seed = rng.check_seed(seed)
+        self._check_storage()
+        return seed
+
+    def axpby_(self, seed: int, alpha: float, beta: float) -> "ParamSet":
+        """theta <- alpha*theta + beta*z(seed) on every tensor (on the masters in exact mode). Not mid-perturbation."""
+        seed = self._prepare(seed)
+        if self._active is not None:
+            raise RuntimeError(f"axpby_ while perturbed by seed {self._active[0]}: restore_() first")
+        ab = (float(alpha), float(beta))
+        self._run(seed, ab, (*ab, 0.0), KernelMode.MASTER_UPDATE)
+        return self
+
+    def perturb_(self, seed: int, offset: float) -> "ParamSet":
+        """Make the weights theta + offset*z(seed). Offsets are absolute: +eps then -eps is the MeZO pair."""
+        seed = self._prepare(seed)
+        cur = 0.0
+        if self._active is not None:
+            if self._active[0] != seed:
+                raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}: restore_() first")
+            cur = self._active[1]
+        self._run(seed, (1.0, float(offset) - cur), (1.0, 0.0, float(offset)), KernelMode.MASTER_VIEW)
+        self._active = (seed, float(offset))
+        return self
+
+    def restore_(self) -> "ParamSet":
+        """Undo the active perturbation (bit-exact in exact mode). A no-op when none is active."""
+        if self._active is not None:
+            seed, cur = self._active
+            self._check_storage()
+            self._run(seed, (1.0, -cur), (1.0, 0.0, 0.0), KernelMode.MASTER_VIEW)
+            self._active = None
+        return self
+
+    def restore_update_(self, seed: int, lr: float, grad: float, weight_decay: float = 0.0) -> "ParamSet":
+        """One fused pass: restore theta, then theta <- (1 - lr*wd)*theta - lr*grad*z(seed)."""
+        seed = self._prepare(seed)
+        cur = 0.0
+        if self._active is not None:
+            if self._active[0] != seed:
+                raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}")
+            cur = self._active[1]
+        alpha = 1.0 - float(lr) * float(weight_decay)
+        step = -float(lr) * float(grad)
+        self._run(seed, (alpha, -alpha * cur + step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE)
+        self._active = None
+        return self
+
+    def update_(self, seed: int, lr: float, grad: float, weight_decay: float = 0.0,
+                rounding: str = "nearest") -> "ParamSet":
+        """theta <- (1 - lr*wd)*theta - lr*grad*z(seed), in place, one pass; refused while perturbed.
+
+        ``rounding="stochastic"``: fp16/bf16 groups without masters round each element stochastically with bits of
+        the SR stream of ``seed`` (``rng.stochastic_round``), so updates below half a spacing survive in
+        expectation; fp32 groups round as usual, groups with masters update the master and view it."""
+        if not isinstance(rounding, str):
+            raise TypeError(f"rounding must be a str ({' or '.join(_ROUNDINGS)}), got {type(rounding).__name__}")
+        if rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(map(repr, _ROUNDINGS))}, got {rounding!r}")
+        seed = self._prepare(seed)
+        if self._active is not None:
+            raise RuntimeError(f"update_ while perturbed by seed {self._active[0]}: restore_() first "
+                               "(or use restore_update_)")
+        alpha = 1.0 - float(lr) * float(weight_decay)
+        step = -float(lr) * float(grad)
+        self._run(seed, (alpha, step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE, rounding == "stochastic")
+        return self
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, offset: float) -> Iterator["ParamSet"]:
+        """``with ps.perturbed(seed, eps): loss = f()`` — the weights are restored even if f raises."""
+        self.perturb_(seed, offset)
+        try:
+            yield self
+        finally:
+            self.restore_()
+
+    def resync_(self) -> "ParamSet":
+        """Re-read fp32 masters from the visible weights (after loading new weights into them)."""
+        if self._active is not None:
+            raise RuntimeError("resync_ while perturbed: restore_() first")
+        self._build()
+        return self
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g.dtype}x{len(g.tensors)}{'+master' if g.masters else ''}" for g in self._groups)
+        return (f"ParamSet({len(self._tensors)} tensors, {self.numel} elements, {groups}, backend={self.backend}, "
+                f"distribution={self.distribution})")

@@ -1,0 +1,120 @@
+"""Run configs on disk (``configs/*.yaml``) and the ``mezo-kernels train`` flags, both turned into a
+``TrainConfig``.
+
+A config file is a YAML (or JSON) mapping of ``TrainConfig`` fields (``lr: 1.0e-6``, ``lora: false``, ...) plus an
+optional ``meta`` mapping that the trainer ignores: where the settings come from, which of the paper and its
+reference code the file follows where they differ, and ``smoke_model``, the tiny architecture the test suite runs
+the file on. Fields the file leaves out keep ``TrainConfig``'s defaults (the README demo's), so a file states
+every setting that differs from the demo, ``max_minutes: null`` included. Flags given on the command line win over
+the file.
+
+A file asking for something the trainer cannot do yet (``prefix_tuning``) is refused with a ValueError saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from .loop import TrainConfig
+
+__all__ = ["load_config_file", "config_from_cli", "CLI_ONLY"]
+
+# train flags that are not settings of the run
+CLI_ONLY = frozenset({"cmd", "argv", "config", "no_progress", "ddp"})
+_UNSUPPORTED = {
+    "prefix_tuning": "prefix tuning (MeZO-prefix: trainable key/value prefixes, the reference's --prefix_tuning "
+                     "--num_prefix 5 --no_reparam --prefix_init_by_real_act) is not supported by this trainer yet",
+}
+_TYPES = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "dict": (dict,), "None": (type(None),),
+          "list[str]": (list,)}
+
+
+def _allowed(f: dataclasses.Field) -> tuple[type, ...]:
+    """The Python types a field's annotation (``"float | None"``) admits."""
+    out: tuple[type, ...] = ()
+    for part in str(f.type).split("|"):
+        out += _TYPES[part.strip()]
+    return out
+
+
+def _check_value(where: str, f: dataclasses.Field, v: Any) -> None:
+    allowed = _allowed(f)
+    ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+    if ok and isinstance(v, list):
+        ok = all(isinstance(x, str) for x in v)
+    if not ok:
+        raise ValueError(f"{where}: field {f.name!r} must be {f.type}, got {v!r}")
+
+
+def load_config_file(path: str | Path) -> tuple[dict, dict]:
+    """``(fields, meta)`` of a config file: the ``TrainConfig`` fields it sets (checked by name and type) and its
+    ``meta`` mapping. ValueError names the file and the field for anything unknown, mistyped or unsupported."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        raw = json.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml); or write it as JSON") from None
+        raw = yaml.safe_load(text)
+    else:
+        raise ValueError(f"config file {path}: expected a .yaml, .yml or .json file")
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config file {path}: expected a mapping of TrainConfig fields, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    meta = raw.get("meta", {})
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"config file {path}: 'meta' must be a mapping, got {meta!r}")
+    fields = {}
+    for k, v in raw.items():
+        if k == "meta":
+            continue
+        if k in _UNSUPPORTED:
+            raise ValueError(f"config file {path}: {_UNSUPPORTED[k]}")
+        if k not in known:
+            raise ValueError(f"config file {path}: unknown field {k!r} (TrainConfig fields: {', '.join(known)})")
+        _check_value(f"config file {path}", known[k], v)
+        fields[k] = float(v) if known[k].type.startswith("float") and isinstance(v, int) else v
+    return fields, dict(meta)
+
+
+def _from_flags(args: Mapping[str, Any]) -> dict:
+    """``TrainConfig`` fields from parsed ``train`` flags (``argparse`` dests); flags absent from ``args`` are
+    left out."""
+    out = {}
+    for k, v in args.items():
+        if k in CLI_ONLY:
+            continue
+        if k == "full_param":
+            out["lora"] = not v
+        elif k == "no_prefix_reuse":
+            out["prefix_reuse"] = not v
+        elif k == "lora_targets":
+            out[k] = v.split(",") if v else None
+        elif k == "max_minutes":
+            out[k] = v if v else None            # 0: no budget
+        elif k == "select_on":
+            out[k] = None if v in (None, "none") else v
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_cli(args: Mapping[str, Any], explicit: set[str]) -> TrainConfig:
+    """The ``TrainConfig`` of a ``train`` command: ``args`` (every flag with its default filled in) alone, or,
+    with ``--config FILE``, the file's fields with the ``explicit`` flags (those typed on the command line) on
+    top."""
+    cfg_file = args.get("config")
+    if not cfg_file:
+        return TrainConfig(**_from_flags(args))
+    fields, _ = load_config_file(cfg_file)
+    fields.update(_from_flags({k: v for k, v in args.items() if k in explicit}))
+    cfg = TrainConfig(**fields)
+    cfg.check()
+    return cfg

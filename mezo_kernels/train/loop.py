@@ -1,0 +1,262 @@
+"""The thin MeZO training loop: batches -> objective -> optimizer -> eval.
+
+It composes (data, tasks, models, objectives, forward, optim) and the run context (run.py: ranks, printing,
+files, resume, communication stats) and computes nothing itself. A run writes ``config.json``, ``seeds.jsonl``
+(replay log), ``metrics.jsonl``, ``evals.jsonl``, ``adapter/`` (peft format; ``model/`` in full-parameter mode),
+``curves.png`` and ``summary.json`` to ``output_dir``. Batches depend only on (seed, step), so a resumed run sees
+the same data as an uninterrupted one.
+
+``select_on="dev"`` keeps the weights of the best evaluation on the k-shot dev split (selection.py) and reports
+those; the seed log still holds every step, and ``summary.json``'s ``best_step`` says how many of them give the
+reported weights. ``max_minutes`` is a wall-clock budget for the training loop of one invocation (periodic
+evaluations included, set-up and the before/after evaluations not), checked after each step, so at least one step
+runs; ``summary.json`` then says ``stopped_by: "time"``, and ``--resume`` continues from the seed log.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the loop is data parallel (``distributed.py``): every rank builds the same
+model and draws the same global batch, evaluates its slice, and the ranks all-gather the per-example losses, so
+every rank gets the same g and applies the same update. Only rank 0 writes files and prints; every rank evaluates
+the whole evaluation split (identical weights give identical metrics).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..tasks import data
+from .. import models
+from ..tasks import objectives
+from ..tasks import registry as tasks
+from ..tasks.records import Example
+from ..forward import ForwardEngine
+from ..optim import MeZO
+from .run import Run
+from .selection import BestWeights
+
+__all__ = ["TrainConfig", "build", "evaluate", "batch_for", "train", "save_weights", "load_adapter"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (saved as ``config.json``); the defaults are the README demo's."""
+
+    task: str = "sst2"
+    model: str = "smollm2-135m"
+    data_dir: str | None = None
+    train_file: str | None = None       # data files of any format (data.load_task_splits); else data_dir
+    eval_file: str | None = None
+    test_file: str | None = None
+    output_dir: str = "runs/demo"
+    protocol: str = "kshot"
+    k: int = 16
+    steps: int = 450
+    seed: int = 0
+    lr: float = 2e-3                    # chosen on the k-shot dev split (bench/RESULTS.md, quality-smollm2)
+    eps: float = 1e-2
+    batch_size: int = 16
+    n_directions: int = 1
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    objective: str = "ce"               # ce | neg_accuracy | neg_f1
+    lora: bool = True                   # False: full-parameter MeZO
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | None = None
+    lora_first_layer: int = 0           # LoRA on layers >= this one; the frozen layers below run once per step
+    max_length: int = 64
+    chat: bool = False
+    prefix_reuse: bool = True           # forward engine reuse (prefix KV, frozen layers, eval cache); exact
+    eval_every: int = 100
+    eval_split: str = "dev"             # periodic evaluation split
+    final_split: str = "test"           # before/after evaluation split (kshot: the original GLUE dev set)
+    eval_max: int = 0                   # cap on evaluated examples per evaluation (0: all)
+    eval_batch_size: int = 32
+    select_on: str | None = None        # "dev": report the weights of the best dev evaluation (selection.py)
+    # the demo's budget: what is not training (start-up, model load, the two 872-example evaluations, saving) took
+    # 2.3 min of the demo's 13.8 min on the 2-core box it was timed on, so about 4 min on a 2-core box 1.7x
+    # slower; 10 min of training (plus at most one step past the budget) ends such a box's run at about 14 min
+    max_minutes: float | None = 10.0
+    backend: str = "auto"
+    perturb: str | None = None          # "virtual" | "inplace"; None: MeZO's default for the trainable dtype
+    distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
+    batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
+    dtype: str = "float32"
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        """The config a run saved (``config.json``); keys this version does not know are ignored."""
+        saved = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
+
+    def check(self) -> None:
+        """ValueError for settings that cannot run together (called before anything is loaded)."""
+        if self.select_on not in (None, "dev"):
+            raise ValueError(f"select_on must be None or 'dev', got {self.select_on!r}")
+        if self.select_on == "dev":
+            if self.eval_split != "dev":
+                raise ValueError(f"select_on='dev' selects on the periodic evaluations: eval_split must be 'dev', "
+                                 f"got {self.eval_split!r}")
+            if self.final_split == "dev":
+                raise ValueError("select_on='dev' with final_split='dev' would report on the selection split; "
+                                 "report on 'test'")
+        if self.batched_pm and (not self.lora or self.perturb == "inplace"):
+            raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
+                             "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
+        m = self.max_minutes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                              or m <= 0):
+            raise ValueError(f"max_minutes must be a number > 0 or None (no budget), got {m!r}")
+
+
+def build(cfg: TrainConfig, adapter: str | Path | None = None):
+    """(model, tokenizer, task, objective, trainable params) with the seeded initial weights of ``cfg``, and the
+    peft ``adapter`` folder on top when given. Causal objectives get a forward engine (``cfg.prefix_reuse``: every
+    exact reuse; else the plain forward, which still reports its stats)."""
+    task = tasks.get_task(cfg.task)
+    model, tok, kind = models.load_model(cfg.model, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
+    if cfg.lora:
+        torch.manual_seed(cfg.seed)            # peft draws LoRA A from the global generator
+        model = models.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                first_layer=cfg.lora_first_layer)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    kw: dict = {"max_length": cfg.max_length}
+    if kind == "causal":
+        kw.update(chat=cfg.chat, engine=ForwardEngine() if cfg.prefix_reuse else ForwardEngine.plain())
+    obj = objectives.make_objective(model, tok, task, kind=kind, **kw)
+    return model, tok, task, obj, models.trainable_parameters(model)
+
+
+def evaluate(model, objective, examples: Sequence[Example], batch_size: int = 32) -> dict:
+    """Accuracy, F1, mean CE and n over ``examples`` (no gradients)."""
+    if not examples:
+        raise ValueError("nothing to evaluate: the split is empty")
+    # batches of similar length pad less (about half the tokens on SST-2); the metrics do not depend on order
+    ordered = sorted(examples, key=lambda e: len(e.text_a) + len(e.text_b or ""))
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ordered), batch_size):
+            outs.append(objective(model, ordered[i:i + batch_size]))
+    cat = objectives.from_scores(torch.cat([o.logits for o in outs]), torch.cat([o.labels for o in outs]))
+    return {"accuracy": objectives.accuracy(cat), "f1": objectives.f1(cat),
+            "loss": float(cat.per_example.mean()), "n": len(examples)}
+
+
+def batch_for(train: Sequence[Example], step: int, seed: int, size: int) -> list[Example]:
+    """The batch of ``step``: a function of (seed, step) only, so resume and replay see the same data."""
+    r = random.Random(seed * 1_000_003 + step)
+    return r.sample(list(train), min(size, len(train)))
+
+
+def train(cfg: TrainConfig, progress: bool = True, ddp: bool | None = None,
+          clock: Callable[[], float] = time.monotonic) -> dict:
+    """Run MeZO fine-tuning as configured; returns the summary (also written to ``summary.json``).
+
+    ``ddp``: None (default) turns data parallelism on when launched by torchrun with WORLD_SIZE > 1; False
+    ignores the torchrun environment (every process trains alone). ``clock``: seconds, for ``max_minutes``."""
+    cfg.check()
+    with Run.start(cfg, progress, ddp) as run:
+        return _train(cfg, run, clock)
+
+
+def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monotonic) -> dict:
+    cfg.check()
+    splits = data.load_task_splits(cfg.task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed, train_file=cfg.train_file,
+                                   eval_file=cfg.eval_file, test_file=cfg.test_file)
+    model, _, _, obj, params = build(cfg)
+    loss_fn = run.loss_fn(obj, cfg.objective, params)
+    opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend,
+               n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps,
+               perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution)
+    step_on = _stepper(cfg, run, opt, model, obj, loss_fn)
+    best = BestWeights(params) if cfg.select_on else None
+    resumed = run.begin(opt, best)
+    final_eval = data.subsample(getattr(splits, cfg.final_split), cfg.eval_max, cfg.seed)
+    periodic = data.subsample(getattr(splits, cfg.eval_split), cfg.eval_max, cfg.seed + 1)
+    summary: dict = {"config": run.config, "backend": opt.param_sets[0].backend,
+                     "trainable": sum(p.numel() for _, p in params)}
+    if not resumed:
+        summary["before"] = run.log_eval(0, cfg.final_split, evaluate(model, obj, final_eval, cfg.eval_batch_size),
+                                         "before")
+    t_start, zero, started = time.perf_counter(), opt.zero_grad_steps, clock()
+    budget, stopped_by = (cfg.max_minutes * 60 if cfg.max_minutes else None), "steps"
+    with run.stepping(opt):
+        while opt.step_count < cfg.steps:
+            step = opt.step_count
+            batch = batch_for(splits.train, step, cfg.seed, cfg.batch_size)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                res = step_on(batch)
+            run.log_step(step, opt, res, time.perf_counter() - t0)
+            done = opt.step_count
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                ev = run.log_eval(done, cfg.eval_split, evaluate(model, obj, periodic, cfg.eval_batch_size))
+                if best is not None:
+                    best.offer(done, ev)
+            if budget is not None and done < cfg.steps and run.agree(clock() - started >= budget):
+                stopped_by = "time"
+                run.say(f"stopped by the time budget (max_minutes={cfg.max_minutes}) after {done} of "
+                        f"{cfg.steps} steps; --resume continues")
+                break
+    train_s = time.perf_counter() - t_start
+    if best is not None:
+        summary.update(_select(cfg, run, best, opt.step_count, lambda: evaluate(model, obj, periodic,
+                                                                               cfg.eval_batch_size)))
+    summary["after"] = evaluate(model, obj, final_eval, cfg.eval_batch_size)
+    summary.update(steps=opt.step_count, stopped_by=stopped_by, train_seconds=round(train_s, 1),
+                   zero_grad_rate=opt.zero_grad_steps / max(1, opt.step_count),
+                   skipped_directions=opt.skipped_directions, new_zero_grad_steps=opt.zero_grad_steps - zero)
+    engine = getattr(obj, "engine", None)
+    if engine is not None:
+        summary["forward"] = engine.stats.as_dict()
+    return run.finish(summary, lambda out: save_weights(model, out, cfg.lora))
+
+
+def _stepper(cfg: TrainConfig, run: Run, opt: MeZO, model, obj, loss_fn) -> Callable[[list], object]:
+    """``batch -> StepResult``: the sequential step, or with ``batched_pm`` every +/- pass in one forward."""
+    if not cfg.batched_pm:
+        return lambda batch: opt.step(lambda: loss_fn(model, batch))
+    if run.multi:
+        raise ValueError("batched_pm is single-process: data-parallel runs exchange per-rank losses per pass")
+    from .batched_pm import pm_fn_factory
+    pm_for = pm_fn_factory(model, obj, opt.param_sets, kind=cfg.objective)
+    return lambda batch: opt.step_batched(pm_for(batch))
+
+
+def _select(cfg: TrainConfig, run: Run, best: BestWeights, step: int, dev_eval: Callable[[], dict]) -> dict:
+    """End of a ``select_on`` run: evaluate the last weights on the selection split unless that was just done,
+    put the best weights back, and return the summary's selection fields."""
+    if best.last_step != step and step > 0:
+        best.offer(step, run.log_eval(step, cfg.eval_split, dev_eval()))
+    best.restore()
+    sel = best.summary()
+    if sel["best"] is None:
+        run.say("no evaluation to select on: reporting the last weights")
+    else:
+        run.say(f"selected the weights after step {sel['best_step']} ({cfg.eval_split} accuracy "
+                f"{sel['best']['accuracy']:.4f}, loss {sel['best']['loss']:.4f})")
+    return {"selected_on": cfg.eval_split, "best_step": sel["best_step"], "best_dev": sel["best"],
+            "selection_candidates": sel["candidates"]}
+
+
+def save_weights(model, out: Path, lora: bool) -> Path:
+    """Save the adapter (LoRA: ``out/adapter``) or the whole model (``out/model``) in transformers' format."""
+    target = out / ("adapter" if lora else "model")
+    model.save_pretrained(str(target))
+    return target
+
+
+def load_adapter(model, path: str | Path):
+    """``model`` with the peft adapter saved in ``path`` (e.g. a run's ``adapter/``) on top, in eval mode."""
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, str(path))
+    model.eval()
+    return model

@@ -1,0 +1,253 @@
+"""The run context: everything a training run does besides training. It knows which rank it is and which process
+group it joined, prints, owns the files in ``output_dir``, resumes, and counts the bytes the ranks exchange, so
+that the trainer's loop has no rank branches.
+
+Files (rank 0 writes them, in this order): ``config.json``; ``seeds.jsonl`` (the replay log, through
+:class:`~mezo_kernels.seedlog.SeedLogWriter`); ``metrics.jsonl`` (one object per step); ``evals.jsonl`` (one object
+per evaluation); ``adapter/`` or ``model/``; ``curves.png``; ``summary.json``. On ``--resume`` rank 0 reads the
+run folder and hands the seed log to the other ranks, so no shared file system is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import data_parallel as distributed
+from ..tasks import objectives
+from ..optim.seedlog import SeedLogWriter, read_log
+
+__all__ = ["Run"]
+
+# settings a resumed run may change; a linear schedule depends on the step count, a constant one does not
+_FREE_ON_RESUME = ("resume", "eval_every", "prefix_reuse", "max_minutes")
+
+
+class Run:
+    """One training run as seen by one rank. ``cfg`` is a ``trainer.TrainConfig``; ``info`` the rank's place in
+    the process group (world size 1: a single process); ``progress``: show a progress bar (rank 0 only)."""
+
+    def __init__(self, cfg: Any, info: distributed.DistInfo, progress: bool = True) -> None:
+        self.cfg, self.info, self.config = cfg, info, dataclasses.asdict(cfg)
+        self.out = Path(cfg.output_dir)
+        self.multi, self.main = info.world_size > 1, info.rank == 0
+        self.progress = progress and self.main
+        self.comm: distributed.CommStats | None = None            # the loss exchange's counters (data parallel)
+        self.resumed = False
+        self._writer: SeedLogWriter | None = None
+        self._metrics: Any = None
+        self._bar: Any = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.multi:
+            distributed.rank_slice(range(cfg.batch_size), 0, info.world_size)   # refuse an uneven split up front
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, cfg: Any, progress: bool = True, ddp: bool | None = None) -> Iterator["Run"]:
+        """The run of this process: joins torchrun's process group when launched with WORLD_SIZE > 1 (``ddp``
+        None) and leaves it at the end if it joined it; ``ddp=False`` ignores the torchrun environment."""
+        owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        use_ddp = distributed.env_world_size() > 1 if ddp is None else ddp
+        info = distributed.init_from_env() if use_ddp else distributed.DistInfo(0, 1, 0, None)
+        try:
+            yield cls(cfg, info, progress)
+        finally:
+            if info.world_size > 1 and owned:
+                torch.distributed.destroy_process_group()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def evals_path(self) -> Path:
+        return self.out / "evals.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "seeds.jsonl"
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def loss_fn(self, objective: Callable, kind: str, params: Sequence[tuple[str, torch.Tensor]]
+                ) -> Callable[[Any, Sequence], float]:
+        """``loss(model, batch) -> float``: the objective reduced with ``kind`` in one process; data parallel,
+        each rank's slice with the per-example rows exchanged (after checking the replicas are identical)."""
+        if not self.multi:
+            return objectives.scalar_objective(objective, kind)
+        distributed.check_replicas([p for _, p in params], "initial trainable weights")
+        loss = distributed.DataParallelLoss(objective, objectives.Reduction(kind))
+        self.comm = loss.stats
+        return loss
+
+    def begin(self, opt: Any, best: Any = None) -> bool:
+        """Resume (replay the seed log onto the weights, on every rank) or start afresh, then open the run files.
+        ``best`` (a ``selection.BestWeights``, for ``select_on``): on resume it learns the earlier selection-split
+        evaluations, and the replay stops at the best one's step for it to copy the weights there.
+        Returns whether the run resumed."""
+        resumed, records, evals, error = False, [], [], None
+        if self.main:
+            try:
+                resumed, records = self._resume_state()
+                evals = self._earlier_evals(records) if resumed and best is not None else []
+            except (ValueError, OSError) as e:  # raised on every rank below, instead of a hang in the broadcast
+                error = e
+        if self.multi:
+            resumed, records, evals, error = distributed.broadcast_object((resumed, records, evals, error))
+        if error is not None:
+            raise error
+        if resumed:                             # bit-exact: the same weight ops in the same order
+            cut = best.best_of(evals) if best is not None else None
+            if cut is None:
+                opt.replay_(records)
+            else:
+                opt.replay_([r for r in records if int(r["step"]) < cut])
+                best.capture()
+                opt.replay_([r for r in records if int(r["step"]) >= cut])
+        self.resumed = resumed
+        if not self.main:
+            return resumed
+        if resumed:
+            _truncate_jsonl(self.metrics_path, opt.step_count)
+        else:
+            for p in (self.metrics_path, self.evals_path):
+                p.unlink(missing_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+        extra = {"model": self.cfg.model, "task": self.cfg.task,
+                 **({"world_size": self.info.world_size} if self.multi else {})}
+        self._writer = SeedLogWriter(str(self.log_path), opt.config(), extra, resume=resumed)
+        return resumed
+
+    def _resume_state(self) -> tuple[bool, list[dict]]:
+        """(resumed, seed-log records) for ``--resume``; ValueError when the logged run had other settings."""
+        if not (self.cfg.resume and self.log_path.exists()):
+            return False, []
+        old = json.loads((self.out / "config.json").read_text())
+        free = _FREE_ON_RESUME + (("steps",) if self.cfg.schedule == "constant" else ())
+        changed = {k for k in self.config if k not in free and old.get(k) != self.config[k]}
+        if changed:
+            raise ValueError(f"--resume with different settings than the logged run: {sorted(changed)}")
+        _, records = read_log(str(self.log_path))
+        return True, records
+
+    def _earlier_evals(self, records: Sequence[dict]) -> list[dict]:
+        """The selection-split evaluations of the logged run that the seed log covers."""
+        done = 1 + max((int(r["step"]) for r in records), default=-1)
+        if not self.evals_path.exists():
+            return []
+        out = []
+        for ln in self.evals_path.read_text().splitlines():
+            if ln.strip():
+                ev = json.loads(ln)
+                if ev.get("split") == self.cfg.eval_split and 0 < ev.get("step", 0) <= done:
+                    out.append(ev)
+        return out
+
+    # ------------------------------------------------------------------------------------------ the loop
+    @contextlib.contextmanager
+    def stepping(self, opt: Any) -> Iterator[None]:
+        """Around the training loop: the progress bar and ``metrics.jsonl`` are open inside; the seed log is
+        closed after. Communication is counted from here."""
+        from tqdm.auto import tqdm
+        self._bar = tqdm(total=self.cfg.steps, initial=opt.step_count, disable=not self.progress, unit="step",
+                         dynamic_ncols=True)
+        self._comm_start = self._comm_last = self.comm.snapshot() if self.comm else None
+        self._first_step = opt.step_count
+        try:
+            with (open(self.metrics_path, "a") if self.main else contextlib.nullcontext()) as self._metrics:
+                yield
+        finally:
+            self._bar.close()
+            self._bar = self._metrics = None
+            if self._writer is not None:
+                self._writer.close()
+
+    def log_step(self, step: int, opt: Any, res: Any, seconds: float) -> None:
+        """Record step ``step`` (``res``: its ``optim.StepResult``): seed log, metrics line, progress bar."""
+        rec = {"step": step, "loss_plus": res.loss_plus, "loss_minus": res.loss_minus, "g": res.grad,
+               "lr": opt.lr_at(step), "seconds": round(seconds, 4), "zero_grad": res.grad == 0.0,
+               "skipped": res.skipped}
+        if self.comm is not None:               # this step's exchange: nothing else uses the loss between steps
+            c, self._comm_last = self.comm.since(self._comm_last), self.comm.snapshot()
+            rec.update(comm_bytes_out=c.bytes_out, comm_bytes_in=c.bytes_in, comm_seconds=round(c.seconds, 6))
+        if self.main:
+            self._writer.append(opt.log[-opt.n_directions:])
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{(res.loss_plus + res.loss_minus) / 2:.4f}", g=f"{res.grad:+.3g}",
+                              zero_g=f"{100.0 * opt.zero_grad_steps / opt.step_count:.0f}%", refresh=False)
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a stop decision taken from a local clock must be the same on all)."""
+        return bool(distributed.broadcast_object(flag)) if self.multi else flag
+
+    def say(self, line: str) -> None:
+        """Print a line on rank 0 (under the progress bar while it is open)."""
+        if not self.main:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def log_eval(self, step: int, split: str, ev: dict, label: str | None = None) -> dict:
+        """Append an evaluation to ``evals.jsonl`` and say it (``label`` "before"/"after": the final split's
+        line; None: a periodic line under the progress bar). Returns ``ev``."""
+        if not self.main:
+            return ev
+        _append(self.evals_path, {"step": step, "split": split, **ev})
+        if label is None:
+            self.say(f"step {step}: {split} accuracy {ev['accuracy']:.4f} loss {ev['loss']:.4f}")
+        else:
+            print(f"{label}: {self._split_name()} accuracy {ev['accuracy']:.4f} (n={ev['n']})", flush=True)
+        return ev
+
+    # ------------------------------------------------------------------------------------------ the end
+    def finish(self, summary: dict, save: Callable[[Path], Any]) -> dict:
+        """Add the communication stats; on rank 0 log the final evaluation, ``save(output_dir)`` the weights,
+        draw ``curves.png``, write ``summary.json`` and print the closing lines. Returns ``summary``."""
+        if self.comm is not None:
+            n = max(1, summary["steps"] - self._first_step)        # a resume replays the rest
+            c = self.comm.since(self._comm_start)
+            summary["distributed"] = {"world_size": self.info.world_size, "backend": self.info.backend,
+                                      "bytes_out_per_step": c.bytes_out / n, "bytes_in_per_step": c.bytes_in / n,
+                                      "comm_seconds_per_step": c.seconds / n, "steps_timed": n}
+        if not self.main:
+            return summary
+        _append(self.evals_path, {"step": summary["steps"], "split": self.cfg.final_split, **summary["after"]})
+        save(self.out)
+        from .plots import plot_curves
+        plot_curves(str(self.metrics_path), str(self.evals_path), str(self.out / "curves.png"))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        after = summary["after"]
+        print(f"after: {self._split_name()} accuracy {after['accuracy']:.4f} (n={after['n']})", flush=True)
+        if "forward" in summary:
+            f = summary["forward"]
+            why = f" (plain forward: {f['fallback']})" if f["fallback"] else ""
+            print(f"forward engine: attention {', '.join(f['attention'])}; token-layer work saved "
+                  f"{100 * f['saved_fraction']:.1f}%, frozen-layer hits {f['frozen_hits']}, eval-cache hits "
+                  f"{f['prefix_cache_hits']}/{f['prefix_cache_lookups']}{why}", flush=True)
+        return summary
+
+    def _split_name(self) -> str:
+        """Under the k-shot protocol the test split is the task's original GLUE dev set: say so."""
+        glue = self.cfg.protocol == "kshot" and self.cfg.final_split == "test" and not (
+            getattr(self.cfg, "eval_file", None) or getattr(self.cfg, "test_file", None))   # data files: their own
+        return f"{self.cfg.task} {self.cfg.final_split}" + (" (= GLUE dev set)" if glue else "")
+
+
+def _append(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_jsonl(path: Path, n: int) -> None:
+    """Keep the first ``n`` records (the steps the seed log holds) of a metrics file from a killed run."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()][:n]
+        path.write_text("".join(ln + "\n" for ln in lines))

@@ -1,0 +1,6 @@
+"""Perturbation seen inside the forward, never written to the stored weights: module hooks
+(``perturbation``), sliced materialisation (``slices``), grouped LoRA for batched +/- (``grouped_lora``) and the
+registry of active perturbations that caches key on (``state``)."""
+from .perturbation import VirtualPerturbation
+
+__all__ = ["VirtualPerturbation"]
