@@ -1,4 +1,4 @@
-"""The step benchmark's loss as an objective the batched ± pass can run (``mezo_kernels.batched_pm``).
+"""The step benchmark's loss as an objective the batched ± pass can run (``mezo_kernels.train.batched_pm``).
 
 ``batched_pm`` stacks an encoding once per row group (``tile_encoding``), runs one forward and splits the output
 per group: it needs ``encode(batch)`` and ``forward(model, enc)`` returning ``logits`` [G*N, C] and ``labels``
