@@ -78,11 +78,11 @@ def run_hf(seed: int, steps: int, out: Path, data_dir: str | None, before: bool)
 
     from mezo_kernels.tasks import data
     from mezo_kernels.train import loop as trainer
+    from mezo_kernels.train.config import TrainConfig
     from mezo_kernels.hf import MeZOTrainer, ObjectiveModel, StepBatches, collate_examples
 
     t_all = time.perf_counter()
-    cfg = trainer.TrainConfig(**SETTINGS, seed=seed, steps=steps, data_dir=data_dir, eval_every=0,
-                              max_minutes=None)
+    cfg = TrainConfig(**SETTINGS, seed=seed, steps=steps, data_dir=data_dir, eval_every=0, max_minutes=None)
     splits = data.load_task_splits(cfg.task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed)
     model, _, _, obj, _ = trainer.build(cfg)
     rec: dict = {"part": "hf", "seed": seed, "steps": steps}

@@ -36,7 +36,8 @@ import torch
 from mezo_kernels.tasks import data, objectives
 from mezo_kernels.optim import MeZO
 from mezo_kernels.train.selection import BestWeights
-from mezo_kernels.train.loop import TrainConfig, batch_for, build, evaluate
+from mezo_kernels.train.config import TrainConfig
+from mezo_kernels.train.loop import batch_for, build, evaluate
 
 METHODS = ("zeroshot", "mezo-lora", "mezo-full", "bp-lora", "bp-full")
 

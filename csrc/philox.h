@@ -1,4 +1,4 @@
-// Philox4x32-10, the Triton-compatible uniform and the randn4x Box-Muller stream (shared/docs/rng_spec.md).
+// Philox4x32-10, the Triton-compatible uniform and the randn4x Box-Muller stream (docs/rng_spec.md).
 //
 // Reference semantics (the pure-PyTorch mezo_kernels/rng.py):
 //   key = (seed lo32, seed hi32); counter = (k lo32, k hi32, 0, 0); 10 rounds

@@ -13,7 +13,7 @@
 
 namespace mezo {
 
-// Philox4x32-10 (shared/docs/rng_spec.md)
+// Philox4x32-10 (docs/rng_spec.md)
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;  // round multiplier of counter word 0
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;  // round multiplier of counter word 2
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // key schedule: golden ratio

@@ -4,7 +4,13 @@ Every backend implements the same operation on a group plan (``docs/kernel_abi.m
 of the spec, ``rng.KernelMode`` (codes, effects, which modes read the fp32 master), on tensors of the dtypes in
 ``rng.DTYPE_CODES``.
 
+The decision is made in one function, :func:`choose`, per (backend, mode, distribution, device), memoised:
+every path (``ParamSet`` operations, perturbed copies, row slices, fills) asks it, so a named backend that cannot
+serve a mode is the same ValueError everywhere and ``auto`` falls back the same way everywhere.
 ``MEZO_BACKEND`` (environment) overrides the ``backend`` argument everywhere.
+
+Launchers take what the public API already checked: a seed as an int in [0, 2**64), a ``KernelMode`` and a
+``Distribution``; they do not validate them again.
 """
 from __future__ import annotations
 
@@ -40,10 +46,9 @@ class Group(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- torch backend
-def _torch_launch(g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
-                  dist: int = GAUSSIAN) -> None:
+def _torch_launch(g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: KernelMode,
+                  dist: Distribution = GAUSSIAN) -> None:
     """Pure-PyTorch implementation of every mode and distribution: the spec, one tensor at a time."""
-    mode, dist = KernelMode(mode), Distribution(dist)
     with torch.no_grad():
         for i, (t, base) in enumerate(zip(g.tensors, g.bases)):
             z = rng.direction(seed, base, t.numel(), t.device, dist).view(t.shape)
@@ -61,7 +66,7 @@ def _torch_launch(g: Group, seed: int, alpha: float, beta: float, gamma: float, 
                     m.copy_(rng.fma_update(m, z, alpha, beta))
                 t.copy_(rng.fma_update(m, z, 1.0, gamma))
             else:
-                raise ValueError(f"the torch backend does not implement kernel mode {mode.name}")
+                raise ValueError(f"the torch backend does not implement kernel mode {KernelMode(mode).name}")
 
 
 # ---------------------------------------------------------------------------------------------- extensions
@@ -105,9 +110,9 @@ class _Ext:
                     "(`pip install -e .`)")
         return None
 
-    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
-               dist: int = GAUSSIAN) -> None:
-        why = self.unsupported(mode, dist)
+    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: KernelMode,
+               dist: Distribution = GAUSSIAN) -> None:
+        why = self.unsupported(mode, dist)    # two dict lookups: an old build must never get a call it misreads
         if why is not None:
             raise ValueError(why)
         meta, chunks = g.tables(self.chunk)
@@ -136,8 +141,8 @@ class _Triton:
     def unsupported(self, mode: int, dist: int) -> str | None:
         return None
 
-    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: int,
-               dist: int = GAUSSIAN) -> None:
+    def launch(self, g: Group, seed: int, alpha: float, beta: float, gamma: float, mode: KernelMode,
+               dist: Distribution = GAUSSIAN) -> None:
         meta, chunks = g.tables(self.chunk)
         self.module().launch(meta, chunks, meta.shape[1], chunks.shape[0], g.dtype, mode, seed,
                              alpha, beta, gamma, g.aligned, dist=int(dist))
@@ -199,7 +204,7 @@ _WARNED: set[str] = set()
 def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)   # the caller of choose()
 
 
 def unsupported_reason(name: str, device: torch.device, mode: int, dist: int = GAUSSIAN) -> str | None:
@@ -210,20 +215,35 @@ def unsupported_reason(name: str, device: torch.device, mode: int, dist: int = G
     return why
 
 
-def resolve(backend: str, device: torch.device, modes=(), dist: int = GAUSSIAN):
-    """The backend object to use for tensors on ``device``; ``MEZO_BACKEND`` overrides ``backend``.
+_CHOICES: dict[tuple, object] = {}   # (backend, $MEZO_BACKEND, mode, dist, device) -> backend object
 
-    ``modes`` (kernel modes) and ``dist`` (a distribution) are what the caller will launch: ``auto`` picks the
-    first backend of its order that serves them all (e.g. torch on the CPU when the C++ extension was built
-    without a mode), a named backend that does not serve them is a ValueError saying why."""
+
+def choose(backend: str, device: torch.device, mode: KernelMode, dist: Distribution):
+    """The backend object that runs kernel ``mode`` with distribution ``dist`` on tensors of ``device``, for a
+    caller that asked for ``backend`` (``"auto"`` or one of ``NAMES``); ``MEZO_BACKEND`` overrides ``backend``.
+
+    ``auto`` takes the first backend of its order (CUDA extension, Triton, torch on a GPU; C++ extension, torch on
+    the CPU) that serves ``mode`` with ``dist``, warning once when a present backend is passed over for lacking
+    them (the fallback may be far slower); a named backend that cannot serve them is a ValueError saying why.
+    ``mode`` and ``dist`` are the spec's enums, parsed by the caller. The one place the decision is made: memoised,
+    so each (backend, mode, dist, device) is decided once per process (a refusal is not memoised: it raises
+    again, with the same text). Tests that replace a backend clear ``_CHOICES``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    dist = rng.distribution_code(dist)
-    name = os.environ.get(ENV_VAR) or backend
+    env = os.environ.get(ENV_VAR) or None
+    key = (backend, env, mode, dist, device)
+    found = _CHOICES.get(key)
+    if found is None:
+        found = _CHOICES[key] = _decide(env or backend, env is not None, device, mode, dist)
+    return found
+
+
+def _decide(name: str, from_env: bool, device: torch.device, mode: KernelMode, dist: Distribution):
+    """:func:`choose` without the memo."""
+    assert isinstance(mode, KernelMode) and isinstance(dist, Distribution), (mode, dist)
 
     def why_not(n: str) -> str | None:
-        return unavailable_reason(n, device) or next(
-            (w for m in modes if (w := _REGISTRY[n].unsupported(KernelMode(m), dist)) is not None), None)
+        return unavailable_reason(n, device) or _REGISTRY[n].unsupported(mode, dist)
 
     if name == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
@@ -235,6 +255,6 @@ def resolve(backend: str, device: torch.device, modes=(), dist: int = GAUSSIAN):
         raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(NAMES)}")
     why = why_not(name)
     if why is not None:
-        src = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
+        src = f" (from ${ENV_VAR})" if from_env else ""
         raise ValueError(f"backend {name!r}{src} is unavailable for {device}: {why}")
     return _REGISTRY[name]

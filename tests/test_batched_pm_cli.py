@@ -43,3 +43,31 @@ def test_batched_pm_refuses_settings_it_cannot_run(data_dir, tmp_path, capsys):
     assert "needs lora=True" in capsys.readouterr().err
     assert main(base + ["--perturb", "inplace"]) == 2
     assert "perturb 'virtual'" in capsys.readouterr().err
+
+
+def test_batched_pm_with_several_processes_is_refused_before_anything_loads(data_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """WORLD_SIZE > 1 (torchrun) with --batched-pm: one error line before the process group is joined and before
+    the data or the model is loaded, and no output folder."""
+    from mezo_kernels import models
+    from mezo_kernels.tasks import data
+    from mezo_kernels.train import data_parallel
+
+    touched: list[str] = []
+
+    def refuse(what):
+        def f(*a, **k):
+            touched.append(what)
+            raise AssertionError(f"{what} called")
+        return f
+    monkeypatch.setattr(models, "load_model", refuse("load_model"))
+    monkeypatch.setattr(data, "load_task_splits", refuse("load_task_splits"))
+    monkeypatch.setattr(data_parallel, "init_from_env", refuse("init_from_env"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny-llama", "--data-dir", data_dir, "--output-dir", str(out), "--steps", "1",
+            "--no-progress", "--batched-pm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "batched_pm is single-process" in err and "2 processes" in err and "Traceback" not in err
+    assert touched == [] and not out.exists()

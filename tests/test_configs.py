@@ -11,7 +11,7 @@ pytest.importorskip("yaml")
 from conftest import write_sst2  # noqa: E402
 from mezo_kernels.train.cli import main  # noqa: E402
 from mezo_kernels.train.config_files import load_config_file  # noqa: E402
-from mezo_kernels.train.loop import TrainConfig  # noqa: E402
+from mezo_kernels.train.config import TrainConfig  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 FAMILY = {"roberta-large": "tiny-roberta", "facebook/opt-13b": "tiny-opt"}
@@ -42,8 +42,7 @@ def test_config_runs_on_its_tiny_architecture(path, big_data, tmp_path, capsys):
     fields, meta = load_config_file(path)
     assert meta["smoke_model"] == FAMILY[fields["model"]] and meta["follows"] and meta["notes"]
     assert fields["max_minutes"] is None and fields["select_on"] == "dev"
-    cfg = TrainConfig(**fields)
-    cfg.check()
+    TrainConfig(**fields)                            # validated when built
     argv = ["train", "--config", str(path), "--model", meta["smoke_model"], "--data-dir", big_data,
             "--output-dir", str(tmp_path), "--steps", "2", "--eval-max", "8", "--no-progress"]
     assert main(argv) == 0

@@ -181,7 +181,7 @@ def test_cuda_sign_launch_equals_cpu(cpu, cuda, dtype):
 
 
 def test_sign_fill_known_answers(cpu):
-    """rng_spec.md "Signs": seed 0, counter 0 gives z[0..3] = -1, +1, -1, +1 and z[32] = -1."""
+    """docs/rng_spec.md "Signs": seed 0, counter 0 gives z[0..3] = -1, +1, -1, +1 and z[32] = -1."""
     t = torch.full((129,), float("nan"))
     cpu.launch([t], [0], torch.float32, M.FILL, Dist.SIGN, 0, 0.0, 0.0, 0.0)
     assert t[:4].tolist() == [-1.0, 1.0, -1.0, 1.0] and t[32].item() == -1.0

@@ -187,3 +187,124 @@ def test_subsample():
     got = subsample(ex, 4, 1)
     assert len(got) == 4 and len(set(got)) == 4 and set(got) <= set(ex)
     assert got == subsample(ex, 4, 1) and got != subsample(ex, 4, 2)
+
+
+# ------------------------------------------------------------------ no data folder: GLUE through `datasets`
+
+def _no_folder(tmp_path, monkeypatch):
+    """No --data-dir, no MEZO_DATA_DIR, no ../shared/data beside the working directory."""
+    monkeypatch.delenv("MEZO_DATA_DIR", raising=False)
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _no_network(monkeypatch, calls: list):
+    """Fail on any socket connection, and record (then refuse) any datasets.load_dataset call."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError(f"network attempted: {a[1:]!r}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    datasets = pytest.importorskip("datasets")
+
+    def load_dataset(*a, **k):
+        calls.append((a, k))
+        raise AssertionError("datasets.load_dataset called")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+@pytest.mark.parametrize("env", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+@pytest.mark.parametrize("task", ["sst2", "rte"])
+def test_no_folder_offline_is_one_line_naming_both_ways(tmp_path, monkeypatch, env, task):
+    _no_folder(tmp_path, monkeypatch)
+    calls: list = []
+    _no_network(monkeypatch, calls)
+    monkeypatch.setenv(env, "1")
+    from mezo_kernels.tasks.glue_hub import DataUnavailableError
+    with pytest.raises(DataUnavailableError) as info:
+        load_splits(task, None, "kshot", k=4)
+    msg = str(info.value)
+    assert "\n" not in msg and calls == []
+    for part in ("--data-dir", "MEZO_DATA_DIR", f"{task}/train.tsv", f"{env}=1", "go online", "glue"):
+        assert part in msg, (part, msg)
+    assert isinstance(info.value, ValueError)       # the CLI prints ValueErrors as one `error:` line
+
+
+def test_no_folder_offline_through_the_cli(tmp_path, monkeypatch, capsys):
+    _no_folder(tmp_path, monkeypatch)
+    calls: list = []
+    _no_network(monkeypatch, calls)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mezo_kernels.train.cli import main
+    assert main(["eval", "--task", "sst2", "--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mezo-kernels eval: error: no data for task 'sst2'"), err
+    assert "--data-dir" in err[0] and "go online" in err[0] and calls == []
+
+
+def test_no_folder_hub_unreachable_is_the_same_line(tmp_path, monkeypatch):
+    """Online but the call fails to connect: the same one-line error (the load_dataset call is faked)."""
+    _no_folder(tmp_path, monkeypatch)
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(*a, **k):
+        calls.append(a)
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(ValueError, match=r"no data for task 'rte'.*ConnectionError.*--data-dir.*go online") as info:
+        load_splits("rte", None)
+    assert "\n" not in str(info.value) and calls == [("nyu-mll/glue", "rte")]
+
+    def broken(*a, **k):                            # not a network failure: propagates unchanged
+        raise KeyError("validation")
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(KeyError):
+        load_splits("rte", None)
+
+
+def test_no_folder_online_rows_become_examples(tmp_path, monkeypatch):
+    """The one load_dataset call, faked with GLUE's columns: train is the pool, validation the reported split."""
+    _no_folder(tmp_path, monkeypatch)
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": {"sentence1": [f"p{i} " for i in range(20)], "sentence2": [f"h{i}" for i in range(20)],
+                      "label": [i % 2 for i in range(20)], "idx": list(range(20))},
+            "validation": {"sentence1": ["P"], "sentence2": ["H"], "label": [1], "idx": [0]}}
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, name: datasets.DatasetDict({k: datasets.Dataset.from_dict(v)
+                                                                 for k, v in rows.items()}))
+    s = load_splits("rte", None, "kshot", k=3, seed=1)
+    assert s.test == [Example("P", "H", 1)]
+    assert Counter(e.label for e in s.train) == {0: 3, 1: 3} and len(s.dev) == 6
+    pool = {Example(f"p{i}", f"h{i}", i % 2) for i in range(20)}
+    assert set(s.train) <= pool and set(s.dev) <= pool and not set(s.train) & set(s.dev)
+    # the same rows in a folder give the same splits
+    root = tmp_path / "d"
+    write(root / "rte" / "train.tsv", ["sentence1\tsentence2\tlabel\tidx"]
+          + [f"p{i}\th{i}\t{i % 2}\t{i}" for i in range(20)])
+    write(root / "rte" / "dev.tsv", ["sentence1\tsentence2\tlabel\tidx", "P\tH\t1\t0"])
+    assert load_splits("rte", root, "kshot", k=3, seed=1) == s
+
+
+def test_a_folder_wins_over_the_hub_and_glue_folder_names(tmp_path, monkeypatch):
+    _no_folder(tmp_path, monkeypatch)
+    calls: list = []
+    _no_network(monkeypatch, calls)
+    root = make_dir(tmp_path / "d", 20, 20, 4)
+    monkeypatch.setenv("MEZO_DATA_DIR", str(root))
+    assert len(load_splits("sst2", None, "kshot", k=4).test) == 4 and calls == []
+    glue = tmp_path / "glue_data"                   # GLUE's own download: SST-2/, RTE/, sentence<TAB>label
+    write(glue / "SST-2" / "train.tsv", ["sentence\tlabel"] + [f"s{i}\t{i % 2}" for i in range(20)])
+    write(glue / "SST-2" / "dev.tsv", ["sentence\tlabel", "d\t0"])
+    assert load_splits("sst2", glue, "kshot", k=4).test == [Example("d", None, 0)]
+    with pytest.raises(FileNotFoundError, match=r"has no rte/train\.tsv or RTE/train\.tsv"):
+        load_splits("rte", glue)
+    monkeypatch.delenv("MEZO_DATA_DIR")
+    toy = Task("toy", {0: "a", 1: "b"}, "{text_a} {mask}")
+    with pytest.raises(ValueError, match="MEZO_DATA_DIR"):   # not a GLUE task: no hub, the old message
+        load_splits(toy, None)
+    assert calls == []

@@ -1,5 +1,5 @@
 """The native extensions themselves: CUDA sources compile, Philox known answers, randn4x accuracy, bit-exact
-fp16/bf16 rounding, and argument validation. Reference: shared/docs/rng_spec.md and mezo_kernels/rng.py."""
+fp16/bf16 rounding, and argument validation. Reference: docs/rng_spec.md and mezo_kernels/rng/."""
 import glob
 import multiprocessing
 import os

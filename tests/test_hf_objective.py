@@ -11,7 +11,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from mezo_kernels.tasks import data  # noqa: E402
-from mezo_kernels.train import loop as trainer
+from mezo_kernels.train import loop as trainer  # noqa: E402
+from mezo_kernels.train.config import TrainConfig  # noqa: E402
 from mezo_kernels.tasks.records import Example  # noqa: E402
 from mezo_kernels.hf import MeZOTrainer, ObjectiveModel, StepBatches, collate_examples  # noqa: E402
 
@@ -19,8 +20,8 @@ STEPS, BATCH = 4, 4
 
 
 def cfg_for(data_dir, out):
-    return trainer.TrainConfig(model="tiny-llama", data_dir=data_dir, output_dir=str(out), k=8, batch_size=BATCH,
-                               steps=STEPS, lr=5e-3, eps=1e-2, seed=1, eval_every=0, max_minutes=None, eval_max=8)
+    return TrainConfig(model="tiny-llama", data_dir=data_dir, output_dir=str(out), k=8, batch_size=BATCH,
+                       steps=STEPS, lr=5e-3, eps=1e-2, seed=1, eval_every=0, max_minutes=None, eval_max=8)
 
 
 def hf_run(cfg, out):

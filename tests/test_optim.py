@@ -272,7 +272,7 @@ def test_replay_from_the_log_alone(tmp_path):
         rep = replay(fresh, log)                        # exact_restore=False comes from the config
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fresh, named)) and rep.step_count == 6
     with pytest.raises(ValueError, match="carries no config"):
-        replay(_pair(), opt.log)
+        replay(_pair(), list(opt.log))                  # bare records; opt.log itself carries its config
     with pytest.raises(ValueError, match="describe 3 tensors"):
         MeZO(_pair(), lr=0.1, groups=[{"size": 3, "lr": 0.1, "weight_decay": 0.0}])
     with pytest.raises(ValueError, match="param groups"):

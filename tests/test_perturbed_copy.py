@@ -114,5 +114,6 @@ def test_forced_backend_without_the_mode_is_a_value_error(monkeypatch):
     from mezo_kernels import kernels as dispatch
     ps = mk.ParamSet([torch.zeros(5)], backend="torch")
     monkeypatch.setattr(dispatch._Torch, "unsupported", staticmethod(lambda mode, dist: f"no {mode.name} here"))
+    monkeypatch.setattr(dispatch, "_CHOICES", {})                  # forget what the real torch backend served
     with pytest.raises(ValueError, match="no OUT here"):
         ps.perturbed_copy(SEED, OFFSET, 0)

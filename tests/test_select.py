@@ -12,7 +12,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from mezo_kernels.train.cli import main  # noqa: E402
 from mezo_kernels.train.selection import BestWeights, is_better  # noqa: E402
-from mezo_kernels.train.loop import TrainConfig, train  # noqa: E402
+from mezo_kernels.train.config import TrainConfig  # noqa: E402
+from mezo_kernels.train.loop import train  # noqa: E402
 
 # lr high enough that the tiny model's dev accuracy moves between evaluations
 ARGS = ["--model", "tiny-llama", "--k", "8", "--batch-size", "4", "--eval-every", "2", "--no-progress",
@@ -89,13 +90,13 @@ def test_selection_never_reads_the_reported_split(data_dir, tmp_path):
     assert b["after"]["accuracy"] == pytest.approx(1 - a["after"]["accuracy"])
 
 
-def test_selection_settings_are_checked(tmp_path):
+def test_selection_settings_are_checked_when_the_config_is_built(tmp_path):
     with pytest.raises(ValueError, match="final_split"):
-        TrainConfig(select_on="dev", final_split="dev").check()
+        TrainConfig(select_on="dev", final_split="dev")
     with pytest.raises(ValueError, match="select_on"):
-        TrainConfig(select_on="test").check()
+        TrainConfig(select_on="test")
     with pytest.raises(ValueError, match="max_minutes"):
-        TrainConfig(max_minutes=-1).check()
+        TrainConfig(max_minutes=-1)
 
 
 class Clock:

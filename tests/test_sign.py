@@ -14,7 +14,7 @@ SEED = 0x5EED_0F_5165
 
 
 def test_spec_known_answers():
-    # shared/docs/rng_spec.md "Signs": seed 0, k 0, w0 = 6627e8d5 -> z[0..3] = -1, +1, -1, +1; z[32] = -1
+    # docs/rng_spec.md "Signs": seed 0, k 0, w0 = 6627e8d5 -> z[0..3] = -1, +1, -1, +1; z[32] = -1
     assert rng.signs(0, 0, 4).tolist() == [-1.0, 1.0, -1.0, 1.0]
     assert rng.signs(0, 32, 1).tolist() == [-1.0]
     assert rng.signs(0, 0, 4).dtype == torch.float32
@@ -115,23 +115,25 @@ def test_extension_signature_follows_its_build(monkeypatch, with_dist):
     monkeypatch.setattr(ext, "_mod", fake)
     monkeypatch.setattr(ext, "_loaded", True)
     monkeypatch.setitem(dispatch._REGISTRY, "cpu", ext)
+    monkeypatch.setattr(dispatch, "_CHOICES", {})                  # decisions about the real extension: not here
     cpu = torch.device("cpu")
+    SIGN, GAUSSIAN = Distribution.SIGN, Distribution.GAUSSIAN
     t = torch.zeros(8)
     g = mk.perturb.plan._Group([t], [0], None)
     ext.launch(g, 9, 1.0, 0.5, 0.0, KernelMode.AXPBY)
     assert len(fake.calls[-1]) == (12 if with_dist else 11)          # dist sits after mode when supported
     if with_dist:
         assert fake.calls[-1][7:9] == (int(Distribution.GAUSSIAN), 9)
-        assert dispatch.resolve("cpu", cpu, (KernelMode.OUT,), "rademacher") is ext
+        assert dispatch.choose("cpu", cpu, KernelMode.OUT, SIGN) is ext
     else:
         assert fake.calls[-1][7] == 9
         with pytest.raises(ValueError, match="without the rademacher distribution"):
             ext.launch(g, 9, 1.0, 0.5, 0.0, KernelMode.AXPBY, Distribution.SIGN)
         with pytest.raises(ValueError, match="'cpu'.*without the rademacher distribution"):
-            dispatch.resolve("cpu", cpu, (KernelMode.AXPBY,), "rademacher")
+            dispatch.choose("cpu", cpu, KernelMode.AXPBY, SIGN)
         with pytest.raises(ValueError, match="without kernel mode OUT"):
-            dispatch.resolve("cpu", cpu, (KernelMode.OUT,))
+            dispatch.choose("cpu", cpu, KernelMode.OUT, GAUSSIAN)
         monkeypatch.setattr(dispatch, "_WARNED", set())
         with pytest.warns(RuntimeWarning, match="'cpu' is present but .* without the rademacher.*using 'torch'"):
-            assert dispatch.resolve("auto", cpu, (KernelMode.AXPBY,), "rademacher").name == "torch"
-        assert dispatch.resolve("auto", cpu, (KernelMode.AXPBY,)) is ext
+            assert dispatch.choose("auto", cpu, KernelMode.AXPBY, SIGN).name == "torch"
+        assert dispatch.choose("auto", cpu, KernelMode.AXPBY, GAUSSIAN) is ext

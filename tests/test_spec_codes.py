@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / spec_header.HEADER_PATH
 CSRC = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
 PACKAGE = sorted((ROOT / "mezo_kernels").rglob("*.py"))
-KERNEL_PY = [ROOT / "mezo_kernels" / n for n in ("kernels.py", "perturb/paramset.py", "perturb/copy.py", "perturb/plan.py",
-                                                  "triton/axpby.py", "triton/philox.py", "triton/rounding.py")]
+KERNEL_PY = [ROOT / "mezo_kernels" / n for n in ("kernels.py", "perturb/paramset.py", "perturb/copy.py",
+                                                  "perturb/plan.py", "triton/axpby.py", "triton/philox.py",
+                                                  "triton/rounding.py")]
 HEX_CODES = {"PHILOX_M0": rng.PHILOX_M0, "PHILOX_M1": rng.PHILOX_M1, "PHILOX_W0": rng.PHILOX_W0,
              "PHILOX_W1": rng.PHILOX_W1, "UNIFORM_SCALE_BITS": rng.UNIFORM_SCALE_BITS,
              "SR_SEED_XOR": rng.SR_SEED_XOR, "SPLITMIX_GOLDEN": rng.SPLITMIX_GOLDEN, "SPLITMIX_M1": rng.SPLITMIX_M1,
@@ -76,7 +77,7 @@ def _spec_table() -> dict:
 
 # ------------------------------------------------------------------------------------------- the spec itself
 def test_spec_values_are_the_documented_ones():
-    # independent of rng.py's own arithmetic: the bit patterns shared/docs/rng_spec.md names
+    # independent of rng.py's own arithmetic: the bit patterns docs/rng_spec.md names
     assert struct.pack("<f", rng.UNIFORM_SCALE) == struct.pack("<I", 0x2FFFFFFF)
     assert struct.pack("<f", rng.TWO_PI_F32) == struct.pack("<f", 6.2831855)
     assert struct.pack("<f", rng.U_MIN_F32) == struct.pack("<f", 1e-7)

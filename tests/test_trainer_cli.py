@@ -108,14 +108,17 @@ def test_only_rank_zero_writes_or_prints(data_dir, tmp_path, capsys):
     Without a process group its loss exchange reduces locally, so it ends where a single process does."""
     from mezo_kernels.train.data_parallel import DistInfo
     from mezo_kernels.train.run import Run
-    from mezo_kernels.train.loop import TrainConfig, _train
+    from mezo_kernels.tasks.registry import get_task
+    from mezo_kernels.train.config import TrainConfig
+    from mezo_kernels.train.loop import _train
 
     def cfg(out):
         return TrainConfig(model="tiny-llama", data_dir=data_dir, output_dir=str(out), k=8, batch_size=4, steps=3,
                            eval_every=2, lr=5e-3)
-    single = _train(cfg(tmp_path / "r0"), Run(cfg(tmp_path / "r0"), DistInfo(0, 1, 0, None), progress=False))
+    sst2 = get_task("sst2")
+    single = _train(cfg(tmp_path / "r0"), Run(cfg(tmp_path / "r0"), DistInfo(0, 1, 0, None), progress=False), sst2)
     capsys.readouterr()
-    other = _train(cfg(tmp_path / "r1"), Run(cfg(tmp_path / "r1"), DistInfo(1, 2, 1, None), progress=False))
+    other = _train(cfg(tmp_path / "r1"), Run(cfg(tmp_path / "r1"), DistInfo(1, 2, 1, None), progress=False), sst2)
     assert not (tmp_path / "r1").exists() and capsys.readouterr().out == ""
     assert (tmp_path / "r0" / "summary.json").exists() and "distributed" not in single
     assert other["after"] == single["after"] and other["before"] == single["before"]

@@ -2,7 +2,7 @@
 // calling them vectorise (AVX-512/AVX2). Double-precision libm would be accurate but scalar and ~10x too slow.
 //
 // Reference semantics: z_ref = float64 sqrt(-2 log u) * cos/sin(th) with the fp32 clamp u and the fp32 angle th
-// (shared/docs/rng_spec.md, last section). These fp32 versions keep |z - z_ref| <= 1e-6 + 1e-6 |z_ref|:
+// (docs/rng_spec.md, "Gaussian directions"). These fp32 versions keep |z - z_ref| <= 1e-6 + 1e-6 |z_ref|:
 //   log: cephes logf (|rel err| ~1 ulp), log1p-style core so -2 log(u) stays relatively accurate as u -> 1;
 //   sincos: 3-constant Cody-Waite reduction by pi/2 (exact for th < 2 pi, since j <= 4) + cephes sinf/cosf
 //           minimax polynomials on [-pi/4, pi/4] (~1 ulp), so the absolute error of r*cos is ~r * 6e-8 < 4e-7.

@@ -1,7 +1,7 @@
 // CPU backend entry points (docs/kernel_abi.md), called by csrc/bindings_cpu.cpp with the GIL released.
 //
 // Reference semantics: element i of tensor t, g = base[t] + i, z = z(seed, g) of distribution `dist`
-// (shared/docs/rng_spec.md); `mode`, `dtype` and `dist` are the codes of spec_codes.h (kMode*, kDType*, kDist*),
+// (docs/rng_spec.md); `mode`, `dtype` and `dist` are the codes of spec_codes.h (kMode*, kDType*, kDist*),
 // whose comments give each mode's effect.
 // Arguments are assumed validated (bindings_cpu.cpp does it); these functions never throw.
 #pragma once

@@ -1,7 +1,7 @@
 // z for a block of kZBlock consecutive Philox counters, vectorised: the CPU's one source of normals; and the
 // per-counter expansions of the sign stream and of the stochastic-rounding bits.
 //
-// Reference semantics: out[4 i + j] = randn4x(seed, kfirst + i)[j] (shared/docs/rng_spec.md): Philox words
+// Reference semantics: out[4 i + j] = randn4x(seed, kfirst + i)[j] (docs/rng_spec.md): Philox words
 // bit-exact, uniforms bit-exact (same expression as csrc/philox.h), log/sincos/sqrt in fp32 (fastmath.h) within
 // the spec's 1e-6 tolerance of the float64 formula. Both axpby and randn4x go through gen_z_block, so what the
 // tests see from randn4x is exactly what the update applies.

@@ -3,7 +3,7 @@
 // Each returns nullptr on success or the CUDA error string of cudaGetLastError() after the launch.
 //
 // Reference semantics: as csrc/cpu/kernel.h (the kernel modes on a plan; z of distribution `dist` from
-// shared/docs/rng_spec.md).
+// docs/rng_spec.md).
 #pragma once
 
 #include <cstdint>

@@ -2,7 +2,7 @@
 // used by the cross-backend tests to compare streams, and build_info().
 //
 // Reference semantics: out[4i + j] = philox(seed, k_start + i)[j] / randn4x(seed, k_start + i)[j]
-// (shared/docs/rng_spec.md), k wrapping mod 2^64. One thread per counter, grid-stride so any n fits in a
+// (docs/rng_spec.md), k wrapping mod 2^64. One thread per counter, grid-stride so any n fits in a
 // bounded grid; 16-byte stores when out is 16-byte aligned (always for torch allocations), else 4 scalar stores.
 #include <cuda_runtime.h>
 

@@ -15,7 +15,11 @@ each parameter it depends on). PyTorch bumps the counter on every in-place write
 each kernel launch), and a replaced tensor has another address, so a cache entry can never be used after a weight
 it depends on changed. Virtual perturbation writes nothing, so the key also holds the active perturbation of every
 parameter it depends on (``weight_state.key``): the +eps pass, the -eps pass and the unperturbed weights never share
-an entry that depends on a trainable tensor, while a frozen-only state (frozen-layer reuse) stays shared.
+an entry that depends on a trainable tensor, while a frozen-only state (frozen-layer reuse) stays shared. The key
+also holds the module tree (tree.py): adapters injected, merged, unloaded or disabled, or a module replaced, change
+what the model computes without always changing a weight's version. A tree made of other objects (or another model)
+gets a new runner (it holds the modules it calls) and empty caches; switches (adapters on/off, train/eval) are in
+the keys, the whole tree's for the eval cache, the frozen layers' own for the frozen-layer states.
 Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward.
 """
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,40 +39,8 @@ from .batches import padded_work, part, plan_batches, stack
 from .grouped import check_groups, first_group, tile_plan, tile_states
 from .llama import LlamaRunner, unsupported_reason
 from .plan import Plan, plan_prefixes
-
-
-@dataclass
-class EngineStats:
-    """Counters since construction (or :meth:`ForwardEngine.reset_stats`). Token-layers count padded tokens
-    times layers actually run; ``plain_token_layers`` is what the plain padded forward would have run."""
-
-    forwards: int = 0
-    plain_token_layers: int = 0
-    run_token_layers: int = 0
-    frozen_hits: int = 0
-    frozen_misses: int = 0
-    prefix_cache_lookups: int = 0      # groups needed by reuse forwards
-    prefix_cache_hits: int = 0         # of which served from the eval cache
-    kernels: set = field(default_factory=set)   # attention kernels that actually ran
-    fallback: str | None = None        # why the plain forward ran, if it did
-    attention_fallback: str | None = None   # why an attention kernel was replaced by the reference, if it was
-    grouped_forwards: int = 0          # forwards whose rows were row groups (see row_groups)
-
-    @property
-    def saved_fraction(self) -> float:
-        return 1.0 - self.run_token_layers / self.plain_token_layers if self.plain_token_layers else 0.0
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_lookups if self.prefix_cache_lookups else 0.0
-
-    def as_dict(self) -> dict:
-        return {"forwards": self.forwards, "saved_fraction": round(self.saved_fraction, 4),
-                "frozen_hits": self.frozen_hits, "frozen_misses": self.frozen_misses,
-                "prefix_cache_hits": self.prefix_cache_hits, "prefix_cache_lookups": self.prefix_cache_lookups,
-                "prefix_hit_rate": round(self.prefix_hit_rate, 4), "attention": sorted(self.kernels),
-                "fallback": self.fallback, "attention_fallback": self.attention_fallback,
-                "grouped_forwards": self.grouped_forwards}
+from .stats import EngineStats
+from .tree import ModuleTree, module_state
 
 
 def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[list[int]], list[int]]:
@@ -101,10 +72,10 @@ class ForwardEngine:
         self.prefix_reuse, self.frozen_reuse, self.eval_cache = prefix_reuse, frozen_reuse, eval_cache
         self.min_prefix, self.cache_entries = min_prefix, cache_entries
         self.stats = EngineStats()
-        self._model: nn.Module | None = None                      # the model the runner and caches belong to
+        self._tree: ModuleTree | None = None                      # the module tree the runner and caches belong to
         self._runner_obj: LlamaRunner | None = None
-        self._kv: OrderedDict[tuple, list] = OrderedDict()      # (version, segment path) -> [(k, v)] per layer
-        self._frozen: OrderedDict[tuple, tuple] = OrderedDict()  # (tokens, k, version) -> state at layer k
+        self._kv: OrderedDict[tuple, list] = OrderedDict()      # ((version, tree state), path) -> [(k, v)] per layer
+        self._frozen: OrderedDict[tuple, tuple] = OrderedDict()  # (tokens, k, version, state) -> state at layer k
         self._groups: int | None = None                           # row groups of the next forwards (row_groups)
 
     @classmethod
@@ -151,7 +122,8 @@ class ForwardEngine:
         if why:
             self.stats.fallback = why
             return self._plain(model, lm, input_ids, attention_mask, rows, cols)
-        runner = self._runner(lm)
+        tree = ModuleTree(lm)
+        runner = self._runner(lm, tree)
         toks, starts = _rows(first_ids, first_mask)
         R = len(toks)                                   # rows per group
         rows_all = rows.cpu()
@@ -165,7 +137,7 @@ class ForwardEngine:
             need[r] = min(c, need.get(r, c))
         used = sorted(need)
         dev = next(lm.parameters()).device
-        h, where = self._run(runner, lm, [toks[r] for r in used], [need[r] for r in used], dev, self._groups)
+        h, where = self._run(runner, lm, tree, [toks[r] for r in used], [need[r] for r in used], dev, self._groups)
         index = {r: i for i, r in enumerate(used)}
         sr, sc = zip(*[where(g * len(used) + index[r], c)
                        for g, r, c in zip(group.tolist(), rows_c.tolist(), rel.tolist())])
@@ -190,10 +162,13 @@ class ForwardEngine:
         self.stats.run_token_layers += input_ids.numel() * layers
         return logits[rows.to(dev), cols.to(dev)]
 
-    def _runner(self, lm: nn.Module) -> LlamaRunner:
-        if self._model is not lm:                    # another model: its caches would be meaningless
+    def _runner(self, lm: nn.Module, tree: ModuleTree) -> LlamaRunner:
+        # other modules, parameters or buffers (another model, an adapter injected or unloaded, a module assigned):
+        # the runner would call the old modules and the caches were computed with them. Holding only the current
+        # tree lets the old modules (and their weights) go; equal ids cannot collide while self._tree holds them
+        if not tree.same_objects(self._tree):
             self.clear()
-            self._model, self._runner_obj = lm, LlamaRunner(lm)
+            self._tree, self._runner_obj = tree, LlamaRunner(lm)
             self._runner_obj.record = self._record_kernel
         return self._runner_obj
 
@@ -211,21 +186,26 @@ class ForwardEngine:
                 return i
         return runner.num_layers
 
-    def _run(self, runner: LlamaRunner, lm: nn.Module, toks: list[list[int]], need: list[int], dev,
-             groups: int | None = None):
+    def _run(self, runner: LlamaRunner, lm: nn.Module, tree: ModuleTree, toks: list[list[int]], need: list[int],
+             dev, groups: int | None = None):
         """Hidden states of the row batch after the last layer, and f(row, col) -> (batch row, batch col).
-        ``groups`` (row_groups): ``toks`` are one group's rows; the result holds G group-major copies."""
+        ``tree``: ``lm``'s module tree now. ``groups`` (row_groups): ``toks`` are one group's rows; the result
+        holds G group-major copies."""
         caching = not torch.is_grad_enabled()
         L = runner.num_layers
         # the state entering layer k is cached; k = L would leave no layer to run, so the last one always runs
         k = min(self._first_trainable(runner), L - 1) if caching else 0
         frozen_key = None
         if k > 0:
-            frozen_params = [*runner.embed_tokens.parameters()]
+            frozen_params, frozen_mods = [*runner.embed_tokens.parameters()], [*runner.embed_tokens.modules()]
             for layer in runner.layers[:k]:
                 frozen_params += list(layer.parameters())
-            frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _weights_key(frozen_params))
-        version = _weights_key(list(lm.parameters())) if (caching and self.eval_cache) else None
+                frozen_mods += list(layer.modules())
+            # the frozen layers' own switches only: the trainable layers' (a batched +/- pass turns peft's deltas
+            # off there) do not reach the state entering layer k
+            frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _weights_key(frozen_params),
+                          module_state(frozen_mods))
+        version = (_weights_key(list(lm.parameters())), tree.state) if (caching and self.eval_cache) else None
         if groups is not None:
             version = None          # the groups' weights are not the stored ones, which the version describes
         state = self._frozen.get(frozen_key) if frozen_key is not None else None

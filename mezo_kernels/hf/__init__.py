@@ -1,8 +1,8 @@
 """Integrations: ``transformers.Trainer`` (``MeZOTrainer``) and TRL (``MeZOSFTTrainer``, imported only when asked
 for). Needs the ``hf`` extra."""
-from .trainer import MeZOTrainer, MeZOTrainerMixin, ObjectiveModel, StepBatches, TrainerMeZO, collate_examples
+from .trainer import MeZOHooks, MeZOTrainer, ObjectiveModel, StepBatches, TrainerMeZO, collate_examples
 
-__all__ = ["MeZOTrainer", "MeZOTrainerMixin", "MeZOSFTTrainer", "TrainerMeZO", "ObjectiveModel", "collate_examples",
+__all__ = ["MeZOTrainer", "MeZOHooks", "MeZOSFTTrainer", "TrainerMeZO", "ObjectiveModel", "collate_examples",
            "StepBatches"]
 
 

@@ -1,6 +1,7 @@
-"""MeZO inside ``transformers.Trainer``: :class:`MeZOTrainer` (and :class:`MeZOSFTTrainer` for TRL, in ``hf_sft``).
+"""MeZO inside ``transformers.Trainer``: :class:`MeZOTrainer` (and :class:`MeZOSFTTrainer` for TRL, in ``trl.py``).
 
-Only two hooks of the Trainer change; its loop, scheduler, logging, evaluation, callbacks and checkpoints are its own:
+Only two hooks of the Trainer change (their logic is :class:`~mezo_kernels.hf.hooks.MeZOHooks`, which both trainers
+hold and delegate to); its loop, scheduler, logging, evaluation, callbacks and checkpoints are its own:
 
 * ``create_optimizer`` builds a :class:`~mezo_kernels.MeZO` from ``TrainingArguments`` (``learning_rate``,
   ``weight_decay`` with HF's no-decay names); ``lr_scheduler_type`` then drives its param groups as usual.
@@ -26,164 +27,43 @@ with the same seed (the same weights, bit for bit, on the same backend)::
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-
 import torch
 
 try:
     import transformers
-    from accelerate.utils import send_to_device
 except ImportError as e:   # without the hf extra: say which extra to install
     from .._extras import import_error_message
     raise ImportError(import_error_message(e, "mezo_kernels.hf")) from None
 
-from ..optim import MeZO, StepResult
+from .hooks import MeZOHooks, TrainerMeZO
 
-__all__ = ["MeZOTrainer", "MeZOTrainerMixin", "TrainerMeZO", "ObjectiveModel", "collate_examples", "StepBatches"]
-
-
-class TrainerMeZO(MeZO):
-    """:class:`MeZO` as the Trainer holds it: ``step()`` without a closure (the Trainer's call after each cycle) does
-    nothing, since the step already ran in ``training_step``; ``step(closure)`` is MeZO's step."""
-
-    def step(self, closure=None, micro_batches: int = 1) -> StepResult | None:
-        if closure is None:
-            return None
-        return super().step(closure, micro_batches)
+__all__ = ["MeZOTrainer", "MeZOHooks", "TrainerMeZO", "ObjectiveModel", "collate_examples", "StepBatches"]
 
 
-def _unsupported(args) -> str | None:
-    """Why ``args`` cannot train with MeZO, or None."""
-    if getattr(args, "deepspeed", None):
-        return ("DeepSpeed owns the optimizer step and partitions the weights (ZeRO); MeZO perturbs and updates "
-                "whole local tensors in place with its own step. Drop `deepspeed=`")
-    if getattr(args, "fsdp", None):
-        return ("FSDP shards and flattens the weights and reduces gradients; MeZO needs each full tensor on one "
-                "device and has no gradients. Drop `fsdp=`")
-    if getattr(args, "fp16", False):
-        return ("fp16=True makes the Trainer scale the loss with a GradScaler that expects gradients, and MeZO has "
-                "none (the scaler would find no inf checks and fail). Use bf16=True, or load the model in "
-                "float16 with fp16=False: MeZO updates fp16 weights itself (stochastic rounding, or fp32 masters "
-                "with perturb='inplace')")
-    if getattr(args, "world_size", 1) > 1:
-        return ("with several processes each one would estimate its own projected gradient on its own batch and "
-                "the replicas would drift apart; MeZO data parallelism exchanges the losses instead "
-                "(mezo_kernels.distributed, `torchrun ... mezo-kernels train`)")
-    return None
+class MeZOTrainer(transformers.Trainer):
+    """``transformers.Trainer`` that trains with MeZO: same arguments, plus ``eps``, ``n_directions``,
+    ``mezo_seed``, ``backend``, ``exact_restore``, ``perturb``, ``distribution`` (:class:`MeZOHooks`). See the
+    module docstring for what changes; the MeZO logic lives in ``self.mezo_hooks``, each override delegates."""
 
-
-class MeZOTrainerMixin:
-    """The two hooks; mix into a ``transformers.Trainer`` subclass before it (``class T(MeZOTrainerMixin, Base)``).
-
-    Keyword args (besides the Trainer's): ``eps`` (perturbation scale), ``n_directions`` (directions per step),
-    ``mezo_seed`` (default ``args.seed``), ``backend``, ``exact_restore``, ``perturb`` and ``distribution`` (see
-    :class:`~mezo_kernels.MeZO`; the optimizer gets the Trainer's model as ``model=``, so bf16/fp16 weights take
-    the virtual, masterless path by default)."""
-
-    def __init__(self, *args, eps: float = 1e-3, n_directions: int = 1, mezo_seed: int | None = None,
-                 backend: str = "auto", exact_restore: bool | None = None, perturb: str | None = None,
-                 distribution: str = "gaussian", **kwargs):
-        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        why = _unsupported(train_args) if train_args is not None else None
-        if why:
-            raise ValueError(f"{type(self).__name__}: {why}.")
-        optimizers = kwargs.get("optimizers", (None, None))
-        if optimizers and optimizers[0] is not None:
-            raise ValueError(f"{type(self).__name__} builds its MeZO optimizer from the TrainingArguments "
-                             "(learning_rate, weight_decay) and eps/n_directions/mezo_seed; do not pass optimizers=")
-        if kwargs.get("optimizer_cls_and_kwargs") is not None:
-            raise ValueError(f"{type(self).__name__}: optimizer_cls_and_kwargs replaces the MeZO optimizer; drop it")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
-            raise ValueError(f"n_directions must be an int >= 1, got {n_directions!r}")
+    def __init__(self, *args, **kwargs):
+        self.mezo_hooks = MeZOHooks.take(type(self).__name__, args, kwargs)
         super().__init__(*args, **kwargs)
-        why = _unsupported(self.args)
-        if why is None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            why = "accelerate is configured for DeepSpeed/FSDP, which own the optimizer step and shard the weights"
-        if why:
-            raise ValueError(f"{type(self).__name__}: {why}.")
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(f"{type(self).__name__}: no parameter of the model requires grad, so MeZO has nothing "
-                             "to train (set requires_grad on the trainable ones, e.g. with peft)")
-        self.mezo_kwargs = dict(eps=float(eps), n_directions=n_directions, backend=backend,
-                                exact_restore=exact_restore, perturb=perturb, distribution=distribution,
-                                seed=self.args.seed if mezo_seed is None else mezo_seed)
-        self._mezo_cycle: list = []                  # (inputs, num_items_in_batch) of the cycle so far
-        self._mezo_cycle_step = 0
-        self._mezo_hist: list[StepResult] = []
+        self.mezo_hooks.attach(self)
 
-    # ------------------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-            self.optimizer = TrainerMeZO(named, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                         no_decay=[n for n, _ in named if n not in decay], model=opt_model,
-                                         **self.mezo_kwargs)
-        return self.optimizer
+        return self.mezo_hooks.create_optimizer(self, model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        return self.mezo_hooks.training_step(self, model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        self.mezo_hooks.annotate(logs)
+        super().log(logs, *args, **kwargs)
 
     @property
     def mezo(self) -> TrainerMeZO:
         """The MeZO optimizer (the Trainer may hold it wrapped by accelerate)."""
-        opt = self.optimizer
-        while opt is not None and not isinstance(opt, MeZO):
-            opt = getattr(opt, "optimizer", None)
-        if opt is None:
-            raise RuntimeError("the MeZO optimizer is created when training starts (or by create_optimizer())")
-        return opt
-
-    # ------------------------------------------------------------------------------------------- the step
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if isinstance(inputs, Mapping) and len(inputs) == 0:
-            raise ValueError("the batch is empty: the dataset has no column the model accepts")
-        if self._mezo_cycle and self._mezo_cycle_step != self.state.global_step:
-            self._mezo_cycle = []                    # left over from an interrupted cycle of an earlier train()
-        self._mezo_cycle_step = self.state.global_step
-        self._mezo_cycle.append((send_to_device(inputs, self.args.device), num_items_in_batch))
-        if not self.accelerator.sync_gradients:      # more micro-batches of this cycle to come
-            return torch.zeros((), device=self.args.device)
-        cycle, self._mezo_cycle = self._mezo_cycle, []
-        model.train()
-        for m in model.modules():                    # dropout off below the root: both passes see one function
-            if m is not model and m is not self.model:
-                m.eval()
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)   # the Trainer's own rule when it has none
-        if scaled is None:
-            scaled = self.compute_loss_func is not None or (
-                self.model_accepts_loss_kwargs and all(n is not None for _, n in cycle))
-
-        def cycle_loss() -> float:                   # the cycle's loss, summed in float64 over its micro-batches
-            total = 0.0
-            for batch, n in cycle:
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, {**batch}, num_items_in_batch=n)   # a copy: it may pop labels
-                loss = float(loss.detach().float().mean())
-                total += loss if scaled else loss / len(cycle)
-            return total
-
-        with torch.no_grad():
-            res = self.mezo.step(cycle_loss)
-        self._mezo_hist.append(res)
-        value = float("nan") if res.skipped else (res.loss_plus + res.loss_minus) / 2
-        return torch.tensor(value, dtype=torch.float32, device=self.args.device)
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs and self._mezo_hist:
-            h, self._mezo_hist = self._mezo_hist, []
-            valid = [r for r in h if not r.skipped]
-            logs["projected_grad"] = sum(r.grad for r in valid) / len(valid) if valid else float("nan")
-            logs["zero_grad_rate"] = sum(r.grad == 0.0 for r in valid) / len(h)
-            logs["skipped"] = len(h) - len(valid)
-            logs.pop("grad_norm", None)              # the norm of gradients MeZO never computes: always 0
-        super().log(logs, *args, **kwargs)
-
-
-class MeZOTrainer(MeZOTrainerMixin, transformers.Trainer):
-    """``transformers.Trainer`` that trains with MeZO: same arguments, plus ``eps``, ``n_directions``,
-    ``mezo_seed``, ``backend``, ``exact_restore``. See the module docstring for what changes."""
+        return MeZOHooks.optimizer_of(self)
 
 
 class ObjectiveModel(torch.nn.Module):

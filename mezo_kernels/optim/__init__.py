@@ -1,6 +1,6 @@
-"""The optimizer layer: ``MeZO`` (a ``torch.optim.Optimizer``), ``replay`` and its state, param groups, the seed
-log (``seeds.jsonl``) and shard bases. It never imports transformers or peft."""
-from .mezo import MeZO, StepResult, no_decay, projected_grad
-from .state import replay
+"""The optimizer layer: ``MeZO`` (a ``torch.optim.Optimizer``) and ``replay`` (``mezo.py``), composed of its
+settings (``settings.py``), its step (``steps.py``) and its record (``state.py``); param groups, the seed log
+(``seeds.jsonl``) and shard bases. It never imports transformers or peft."""
+from .mezo import MeZO, StepResult, no_decay, projected_grad, replay
 
 __all__ = ["MeZO", "StepResult", "replay", "no_decay", "projected_grad"]

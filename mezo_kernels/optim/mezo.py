@@ -1,59 +1,36 @@
-"""The MeZO optimizer: ``step(closure)`` = loss at theta + eps*z, loss at theta - eps*z, one update.
-
-Two ways to show the closure the perturbed weights (``perturb=``): ``"inplace"`` writes theta + eps*z into the
-weights, then theta - eps*z, and fuses the restore with the update; ``"virtual"`` (needs ``model=``) never writes
-them during the passes: each module sees its trainable tensors materialised just in time (``virtual.py``), so
-restore is free and exact in every dtype, and the update is the only write of a step (rounded stochastically in
-fp16/bf16, as no fp32 master keeps the small steps).
+"""The MeZO optimizer: ``step(closure)`` = loss at theta + eps*z, loss at theta - eps*z, one update; and
+:func:`replay`, which rebuilds trained weights from a seed log.
 
 A ``torch.optim.Optimizer``: param groups with their own ``lr`` and ``weight_decay``, so torch and HF LR schedulers
 drive it unchanged (the kernels read each group's current ``lr`` at every step). Model-agnostic: it sees tensors
 and a closure returning a float loss, never transformers or peft.
 
-Every weight operation of a step is issued by ``_run_step``, which both ``step`` (losses from the closure) and
-``replay_`` (losses from the log) call. Replay therefore repeats the same operations in the same order and lands on
-the same bits, also in plain in-place mode where each perturbation pass rounds.
+``MeZO`` composes its parts, each with a small interface: ``Settings`` (``settings.py``: what the constructor fixed,
+checked once), a ``Stepper`` (``steps.py``: every weight operation of a step, issued in the same order by ``step``
+and by ``replay_``, so replay lands on the same bits) and a ``StepLog`` (``state.py``: the counters and the seed
+log, which carries the run's config: ``replay(params, opt.log)`` needs nothing else).
 """
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Callable, Iterable, NamedTuple, Sequence
+import dataclasses
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .. import rng
+from . import seedlog
 from .param_groups import NoDecay, check_hyper, layout, no_decay
-from .state import ReplayState, _Dir, replay
+from .settings import Settings, check_settings
+from .state import StepLog, hyper_of, load_masters, logged_steps, masters_in_order
+from .steps import Direction, StepResult, Stepper, projected_grad
 from ..perturb import ParamSet
 from ..virtual import VirtualPerturbation
 
-__all__ = ["MeZO", "StepResult", "replay", "no_decay"]
-_PERTURB = ("virtual", "inplace")
-_ROUNDING = ("nearest", "stochastic")
+__all__ = ["MeZO", "StepResult", "replay", "no_decay", "projected_grad"]
 _NO_FORWARDS = object()     # model= of an optimizer rebuilt by replay() without the model: it replays, not steps
 
 
-class StepResult(NamedTuple):
-    loss_plus: float     # mean over directions (NaN if every direction was skipped)
-    loss_minus: float
-    grad: float          # projected gradient g, mean over the valid directions
-    seed: int            # seed of the first direction
-    skipped: bool        # True when no direction gave finite losses (weights unchanged)
-
-
-def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> tuple[float, str | None]:
-    """MeZO's rule for one direction: ``(g, None)`` with g = (L+ - L-) / (2 eps) rounded to fp32 (the kernels see
-    fp32 anyway, and the log stays exact and short), or ``(0.0, "plus" | "minus")`` naming the first non-finite
-    loss (the direction is then left out of the update)."""
-    if not math.isfinite(loss_plus):
-        return 0.0, "plus"
-    if not math.isfinite(loss_minus):
-        return 0.0, "minus"
-    return float(torch.tensor((loss_plus - loss_minus) / (2 * eps))), None
-
-
-class MeZO(ReplayState, torch.optim.Optimizer):
+class MeZO(torch.optim.Optimizer):
     """Zeroth-order SGD (MeZO) over a set of tensors.
 
     Args:
@@ -72,7 +49,7 @@ class MeZO(ReplayState, torch.optim.Optimizer):
             the running sum over that order. A tensor-parallel shard passes the bases of the unsharded parameters
             (``distributed.sharded_params``) so that its z is exactly the z of a single-process run.
         groups: how a flat ``params`` list splits into groups, as ``config()["groups"]`` records it (replay).
-        perturb: ``"virtual"`` or ``"inplace"`` (module docstring; default in place). Virtual keeps fp16/bf16
+        perturb: ``"virtual"`` or ``"inplace"`` (``optim.steps``; default in place). Virtual keeps fp16/bf16
             training at the inference peak without fp32 masters (full-parameter bf16 SmolLM2-135M: 1.02x against
             2.27x with masters) but took 1.06-1.33x the in-place step time on the 2-core CPU (bench/RESULTS.md,
             step-cpu-perturb): choose it for memory.
@@ -89,37 +66,22 @@ class MeZO(ReplayState, torch.optim.Optimizer):
                  perturb: str | None = None, model: torch.nn.Module | None = None, distribution: str = "gaussian",
                  rounding: str | None = None):
         lr, weight_decay = check_hyper(lr, "lr"), check_hyper(weight_decay, "weight_decay")
-        eps = check_hyper(eps, "eps")
-        if eps == 0:
-            raise ValueError("eps must be > 0")
-        if not isinstance(n_directions, int) or n_directions < 1:
-            raise ValueError(f"n_directions must be an int >= 1, got {n_directions!r}")
-        if schedule not in ("constant", "linear"):
-            raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
-        if schedule == "linear" and not (isinstance(total_steps, int) and total_steps > 0):
-            raise ValueError("the linear schedule needs total_steps > 0")
-        self.eps, self.seed, self.n_directions = eps, rng.check_seed(seed), n_directions
-        self.schedule, self.total_steps = schedule, total_steps
-        self._exact, self._explicit_bases = exact_restore, bases is not None
+        st = check_settings(eps, seed, n_directions, schedule, total_steps, perturb, model is not None,
+                            distribution, rounding, exact_restore)
         lay = layout(params, lr, weight_decay, no_decay, groups)
         names, tensors = lay.names, lay.tensors
-        self.perturb = _perturb_mode(perturb, model, tensors)
-        self.distribution = rng.distribution_code(distribution).label
-        if rounding is not None and rounding not in _ROUNDING:
-            raise ValueError(f"rounding must be one of {_ROUNDING} or None, got {rounding!r}")
-        self.rounding = rounding or ("stochastic" if self.perturb == "virtual" else "nearest")
-        set_exact = exact_restore if (exact_restore is not None or self.perturb == "inplace") else False
-        self._groups_cfg, self._no_decay_names = lay.groups_cfg, lay.no_decay_names
-        if bases is None:
-            bases = rng.default_bases(t.numel() for t in tensors)   # global over the whole set: grouping-invariant
-        else:
-            bases = list(bases)                                      # values are checked by ParamSet
-            if len(bases) != len(tensors):
-                raise ValueError(f"bases has {len(bases)} entries for {len(tensors)} tensors")
+        explicit = None if bases is None else tuple(bases)           # values are checked by ParamSet
+        if explicit is not None and len(explicit) != len(tensors):
+            raise ValueError(f"bases has {len(explicit)} entries for {len(tensors)} tensors")
+        # default: global over the whole set, so grouping-invariant
+        bases = list(explicit) if explicit is not None else rng.default_bases(t.numel() for t in tensors)
         ptrs = [t.data_ptr() for t in tensors if t.numel()]
         if len(set(ptrs)) != len(ptrs):
             raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
-        self._bases = bases
+        self._settings: Settings = dataclasses.replace(
+            st, bases=explicit, no_decay_names=None if lay.no_decay_names is None else tuple(lay.no_decay_names),
+            groups=None if lay.groups_cfg is None else tuple(dict(g) for g in lay.groups_cfg))
+        set_exact = exact_restore if (exact_restore is not None or st.perturb == "inplace") else False
         self._sets: list[ParamSet | None] = []
         torch_groups = []
         for idx, g_lr, g_wd, extra in lay.groups:
@@ -127,7 +89,7 @@ class MeZO(ReplayState, torch.optim.Optimizer):
             if idx:
                 ps = ParamSet([(names[i], tensors[i]) for i in idx], bases=[bases[i] for i in idx],
                               backend=backend, exact_restore=set_exact, require_grad=True,
-                              distribution=self.distribution)
+                              distribution=st.distribution)
             self._sets.append(ps)
             torch_groups.append({**extra, "params": [tensors[i] for i in idx], "lr": g_lr, "weight_decay": g_wd,
                                  "param_names": [names[i] for i in idx]})
@@ -135,14 +97,11 @@ class MeZO(ReplayState, torch.optim.Optimizer):
         self._building = True
         super().__init__(torch_groups, {"lr": lr, "weight_decay": weight_decay})
         self._building = False
-        self.step_count = 0
-        self.skipped_directions = 0
-        self.zero_grad_steps = 0
-        self.log: list[dict] = []
-        self._virtual = None
-        if self.perturb == "virtual" and model is not _NO_FORWARDS:
-            self._virtual = VirtualPerturbation(model, self.param_sets)
-        self._warned_unreached = False
+        virtual = None
+        if st.perturb == "virtual" and model is not _NO_FORWARDS:
+            virtual = VirtualPerturbation(model, self.param_sets)
+        self._stepper = Stepper(self._sets, st.eps, st.perturb, st.rounding, virtual)
+        self._steps = StepLog(self.config())
 
     def add_param_group(self, param_group: dict) -> None:
         if not getattr(self, "_building", False):
@@ -150,7 +109,26 @@ class MeZO(ReplayState, torch.optim.Optimizer):
                              "build a new MeZO with every param group instead of add_param_group")
         self.param_groups.append(param_group)
 
-    # ------------------------------------------------------------------------------------------- helpers
+    # ------------------------------------------------------------------------------------------- what it holds
+    eps = property(lambda self: self._settings.eps, doc="The perturbation scale.")
+    seed = property(lambda self: self._settings.seed, doc="The base seed (checked: an int in [0, 2**64)).")
+    n_directions = property(lambda self: self._settings.n_directions, doc="Directions per step.")
+    schedule = property(lambda self: self._settings.schedule, doc="``constant`` or ``linear``.")
+    total_steps = property(lambda self: self._settings.total_steps, doc="The linear schedule's length.")
+    perturb = property(lambda self: self._settings.perturb, doc="``inplace`` or ``virtual``.")
+    distribution = property(lambda self: self._settings.distribution.label, doc="``gaussian`` or ``rademacher``.")
+    rounding = property(lambda self: self._settings.rounding, doc="Of the update: ``nearest`` or ``stochastic``.")
+    step_count = property(lambda self: self._steps.step_count, doc="Steps taken (or replayed).")
+    skipped_directions = property(lambda self: self._steps.skipped_directions,
+                                  doc="Directions left out for a non-finite loss.")
+    zero_grad_steps = property(lambda self: self._steps.zero_grad_steps, doc="Trained steps whose g was all 0.")
+
+    @property
+    def log(self) -> seedlog.SeedLog:
+        """The replay log: one record per direction, as ``seeds.jsonl`` holds them, carrying ``config()`` (so
+        ``replay(params, opt.log)`` rebuilds the weights)."""
+        return self._steps.records
+
     @property
     def param_sets(self) -> list[ParamSet]:
         return [ps for ps in self._sets if ps is not None]
@@ -158,7 +136,7 @@ class MeZO(ReplayState, torch.optim.Optimizer):
     @property
     def virtual(self) -> VirtualPerturbation | None:
         """The hooks of ``perturb="virtual"`` (with their memory statistics), else None."""
-        return self._virtual
+        return self._stepper.virtual
 
     @property
     def lr(self) -> float:
@@ -174,13 +152,10 @@ class MeZO(ReplayState, torch.optim.Optimizer):
         """Changes whenever any weight is written (for caches keyed on the weights)."""
         return sum(ps.version for ps in self.param_sets)
 
-    def _factor(self, step: int) -> float | None:
-        return max(0.0, 1.0 - step / self.total_steps) if self.schedule == "linear" else None
-
     def lr_at(self, step: int, group: int = 0) -> float:
         """The lr the kernels use at ``step`` for ``group``: its current ``lr`` (times the linear factor)."""
-        f, lr = self._factor(step), self.param_groups[group]["lr"]
-        return lr if f is None else lr * f
+        lr = self.param_groups[group]["lr"]
+        return lr * max(0.0, 1.0 - step / self.total_steps) if self.schedule == "linear" else lr
 
     def _hyper(self, step: int) -> list[tuple[float, float]]:
         return [(self.lr_at(step, k), float(g["weight_decay"])) for k, g in enumerate(self.param_groups)]
@@ -188,104 +163,24 @@ class MeZO(ReplayState, torch.optim.Optimizer):
     def seed_for(self, step: int, j: int = 0) -> int:
         return rng.seed_for(self.seed, step, j, self.n_directions)
 
-    def _perturb(self, seed: int, offset: float) -> None:
-        for ps in self.param_sets:
-            ps.perturb_(seed, offset)
-
-    def _restore(self) -> None:
-        for ps in self.param_sets:
-            ps.restore_()
-
-    def _pass(self, seed: int, offset: float, closure: Callable | None, micro_batches: int) -> float:
-        """The loss at theta + offset*z(seed) (0.0 when replaying: ``closure`` None). In place, the weights stay
-        perturbed afterwards (the next pass or the fused update starts from there); virtual, nothing was written."""
-        if self.perturb == "inplace":
-            self._perturb(seed, offset)
-            return self._loss(closure, micro_batches) if closure is not None else 0.0
-        if closure is None:
-            return 0.0
-        with self._virtual.perturbed(seed, offset):
-            loss = self._loss(closure, micro_batches)
-        if self._virtual.unreached and not self._warned_unreached and math.isfinite(loss):
-            self._warned_unreached = True
-            warnings.warn(f"virtual perturbation: no module forward read {', '.join(self._virtual.unreached[:3])}"
-                          f"{' ...' if len(self._virtual.unreached) > 3 else ''} during the pass; a tensor read "
-                          "outside its own module's forward sees theta unperturbed (use perturb='inplace' there)",
-                          RuntimeWarning, stacklevel=4)
-        return loss
-
-    @staticmethod
-    def _loss(closure: Callable, micro_batches: int) -> float:
-        total = 0.0
-        for i in range(micro_batches):
-            v = closure(i) if micro_batches > 1 else closure()
-            total += float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
-        return total / micro_batches
+    def config(self) -> dict:
+        """The constructor arguments that fix the run's bits (``MeZO(params, **config())`` rebuilds it)."""
+        return self._settings.config(self.defaults["lr"], self.weight_decay)
 
     # ------------------------------------------------------------------------------------------- the step
-    def _run_step(self, hyper: list[tuple[float, float]], seeds: Sequence[int], closure: Callable | None,
-                  micro_batches: int, recorded: Sequence[_Dir] | None) -> tuple[list[_Dir], list, list]:
-        dirs, lps, lms = [], [], []
-        n = len(seeds)
-        try:
-            for j, s in enumerate(seeds):
-                d = _Dir(s)
-                lp = self._pass(s, +self.eps, closure if recorded is None else None, micro_batches)
-                if recorded is not None:
-                    d.skip = recorded[j].skip
-                elif not math.isfinite(lp):
-                    d.skip = "plus"
-                if d.skip == "plus":
-                    self._restore(); dirs.append(d); continue
-                lm = self._pass(s, -self.eps, closure if recorded is None else None, micro_batches)
-                if recorded is None and not math.isfinite(lm):
-                    d.skip = "minus"
-                if d.skip == "minus":
-                    self._restore(); dirs.append(d); continue
-                d.g = recorded[j].g if recorded is not None else projected_grad(lp, lm, self.eps)[0]
-                lps.append(lp); lms.append(lm)
-                if j < n - 1:
-                    self._restore()
-                dirs.append(d)
-            self._commit(hyper, dirs)
-        finally:
-            self._restore()          # never leave the weights perturbed, whatever happened above
-        return dirs, lps, lms
-
-    def _commit(self, hyper: list[tuple[float, float]], dirs: list[_Dir]) -> None:
-        """Apply the averaged update; in place with nearest rounding, the still-perturbed last direction first,
-        fused with its restore; otherwise restore (a no-op when virtual), then one update pass per direction."""
-        valid = [d for d in dirs if d.skip is None]
-        if not valid:
-            return
-        if self.perturb == "virtual" or self.rounding == "stochastic":
-            self._restore()
-            for i, d in enumerate(valid):
-                for ps, (lr, wd) in zip(self._sets, hyper):
-                    # theta*1 + 0*z is theta in every rounding: skipping the pass keeps the weights' versions
-                    # (and the caches keyed on them) for lr = 0 or g = 0
-                    if ps is not None and (lr * d.g != 0 or (lr * wd != 0 and i == 0)):
-                        ps.update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0, rounding=self.rounding)
-            return
-        order = ([valid[-1]] + valid[:-1]) if dirs[-1].skip is None else valid
-        for i, d in enumerate(order):
-            for ps, (lr, wd) in zip(self._sets, hyper):
-                if ps is not None:   # decay lr*wd once per step; the directions' steps are averaged
-                    ps.restore_update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0)
-
     def step(self, closure: Callable, micro_batches: int = 1) -> StepResult:
         """One MeZO step. ``closure()`` (or ``closure(i)`` for micro-batch i when ``micro_batches > 1``) returns the
         loss at the current weights as a float or a tensor; every micro-batch sees the same z."""
         if not callable(closure):
             raise TypeError("step() needs a closure that returns the loss (MeZO estimates the gradient from losses)")
-        if self.perturb == "virtual" and self._virtual is None:
+        if self.perturb == "virtual" and self._stepper.virtual is None:
             raise ValueError("this optimizer was rebuilt for replay without model=: pass model= (the module that "
                              "owns the parameters) to replay() to continue training with virtual perturbation")
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
         t, hyper = self.step_count, self._hyper(self.step_count)
         seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
-        dirs, lps, lms = self._run_step(hyper, seeds, closure, micro_batches, None)
+        dirs, lps, lms = self._stepper.run(hyper, seeds, closure, micro_batches, None)
         return self._result(t, hyper, dirs, lps, lms)
 
     def step_batched(self, pm_fn: Callable[[Sequence[int], float], Sequence[tuple[float, float]]]) -> StepResult:
@@ -305,44 +200,91 @@ class MeZO(ReplayState, torch.optim.Optimizer):
             raise ValueError(f"pm_fn returned {len(pairs)} loss pairs for {len(seeds)} directions")
         dirs, lps, lms = [], [], []
         for s, (lp, lm) in zip(seeds, pairs):
-            d = _Dir(s)
+            d = Direction(s)
             d.g, d.skip = projected_grad(float(lp), float(lm), self.eps)
             if d.skip is None:
                 lps.append(float(lp)); lms.append(float(lm))
             dirs.append(d)
-        self._commit(hyper, dirs)
+        self._stepper.commit(hyper, dirs)
         return self._result(t, hyper, dirs, lps, lms)
 
-    def _result(self, t: int, hyper: list[tuple[float, float]], dirs: list[_Dir], lps: list, lms: list) -> StepResult:
-        self._record(t, hyper, dirs)
+    def _result(self, t: int, hyper: list[tuple[float, float]], dirs: list[Direction], lps: list,
+                lms: list) -> StepResult:
+        self._steps.record(t, hyper, dirs, self.weight_decay)
+        self._steps.count_zero_grad(dirs)
         valid = [d for d in dirs if d.skip is None]
         g = sum(d.g for d in valid) / len(valid) if valid else 0.0
-        self.zero_grad_steps += int(bool(valid) and all(d.g == 0.0 for d in valid))
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         return StepResult(mean(lps), mean(lms), g, dirs[0].seed, not valid)
 
-    def _record(self, t: int, hyper: list[tuple[float, float]], dirs: list[_Dir]) -> None:
-        wd = self.weight_decay
-        # one (lr, wd) stands for every group when all lrs agree and each group decays by wd or not at all
-        uniform = all(lr == hyper[0][0] and w in (0.0, wd) for lr, w in hyper)
-        head = {"lr": hyper[0][0], "wd": wd} if uniform else \
-            {"lr": hyper[0][0], "wd": hyper[0][1], "groups": [[lr, w] for lr, w in hyper]}
-        for d in dirs:
-            rec = {"step": t, "seed": d.seed, "g": d.g, **head}
-            if d.skip:
-                rec["skip"] = d.skip
-                self.skipped_directions += 1
-            self.log.append(rec)
-        self.step_count = t + 1
+    # ------------------------------------------------------------------------------------------- replay and state
+    def replay_(self, log) -> "MeZO":
+        """Apply logged steps to the current weights (which must be the weights the log started from).
+
+        ``log``: records, or any form :func:`seedlog.load` reads; when it carries its config, a log made under
+        other modes (distribution, perturbation, rounding) is refused with a ValueError."""
+        logged, records = seedlog.load(log)
+        if logged is not None:
+            seedlog.check_modes(logged, self.config())
+        decays = [g["weight_decay"] for g in self.param_groups]
+        for t, dirs, first in logged_steps(records):
+            hyper = hyper_of(first, decays)
+            self._stepper.run(hyper, [d.seed for d in dirs], None, 1, dirs)
+            self._steps.record(t, hyper, dirs, self.weight_decay)
+        return self
+
+    def state_dict(self) -> dict:
+        """torch's ``{"state", "param_groups"}`` plus ``config``, ``step``, counters, the replay ``log`` and the fp32
+        ``masters`` (one per tensor in ``params`` order, None where there is none; live tensors, as torch's)."""
+        sd = super().state_dict()
+        sd.update(config=self.config(), **self._steps.state(), masters=masters_in_order(self._sets, self._flat))
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore group hyperparameters, counters, the log and the fp32 masters. The visible weights are the
+        model's business (a checkpoint loads them; ``replay_`` rebuilds them)."""
+        if not isinstance(state, dict) or not {"config", "step", "log"} <= state.keys():
+            raise ValueError("not a MeZO state_dict (expected the keys config, step and log)")
+        cfg = state["config"]
+        for k in ("eps", "n_directions", "seed"):
+            if cfg[k] != getattr(self, k):
+                raise ValueError(f"state_dict was saved with {k}={cfg[k]!r}, this optimizer has {getattr(self, k)!r}")
+        seedlog.check_modes(cfg, self.config(), "state_dict")
+        masters = state.get("masters")
+        if masters is not None and len(masters) != len(self._flat):
+            raise ValueError(f"state_dict holds {len(masters)} tensors' masters, this optimizer has {len(self._flat)}")
+        if "param_groups" in state:
+            super().load_state_dict({"state": {}, "param_groups": state["param_groups"]})
+        else:                                   # written before MeZO had param groups
+            for g in self.param_groups:
+                g["lr"], g["weight_decay"] = cfg["lr"], cfg["weight_decay"] if g["weight_decay"] != 0 else 0.0
+        self.defaults.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self._settings = dataclasses.replace(self._settings, schedule=cfg["schedule"], total_steps=cfg["total_steps"])
+        self._steps.load(state, self.config())
+        if masters is not None:
+            load_masters(self._sets, self._flat, masters)
 
 
-def _perturb_mode(perturb: str | None, model, tensors: Sequence[torch.Tensor]) -> str:
-    """The perturbation mode: ``perturb`` checked, or the default (see ``MeZO``)."""
-    if perturb is None:
-        return "inplace"
-    if perturb not in _PERTURB:
-        raise ValueError(f"perturb must be one of {_PERTURB} or None, got {perturb!r}")
-    if perturb == "virtual" and model is None:
-        raise ValueError("perturb='virtual' needs model=: the nn.Module that owns the parameters (its modules "
-                         "see the perturbed tensors during their forward); or use perturb='inplace'")
-    return perturb
+def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
+           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
+    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
+    backend and mode.
+
+    ``log``: ``MeZO.log`` (which carries its config), a ``seeds.jsonl`` path, ``(header, records)``, a
+    ``MeZO.state_dict()``, or bare records with ``config``. ``config``: ``MeZO.config()`` of the run; default: the
+    one the log carries (a ValueError when both are there and their modes differ: another distribution would
+    replay other directions). ``model``: the module owning ``params``, needed to continue training a
+    virtual-perturbation run (replay itself runs no forward). Returns the optimizer, ready to continue training
+    (resume)."""
+    logged, records = seedlog.load(log)
+    if config is not None and logged is not None:
+        seedlog.check_modes(logged, config)
+    cfg = dict(config if config is not None else logged or {})
+    if not cfg:
+        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
+    if exact_restore is not None:
+        cfg["exact_restore"] = exact_restore
+    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
+    if model is None and cfg.get("perturb") == "virtual":
+        model = _NO_FORWARDS
+    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)

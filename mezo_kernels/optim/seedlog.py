@@ -10,12 +10,16 @@ reading, any other malformed line is an error naming its line number.
 A config leaves out the modes that are at their defaults (so logs written before the modes existed still match):
 ``perturb`` ``"inplace"``, ``distribution`` ``"gaussian"``, ``rounding`` ``"nearest"`` in place and
 ``"stochastic"`` for virtual perturbation. :func:`check_modes` refuses to replay a log under other modes.
+
+In memory, ``MeZO.log`` is a :class:`SeedLog`: the records, carrying the run's config as the file's header does.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Iterable, Sequence
+
+import torch
 
 FORMAT = 1
 _KEYS = ("step", "seed", "g", "lr", "wd")
@@ -39,6 +43,28 @@ def check_modes(logged: dict, config: dict, what: str = "the log") -> None:
         if a[k] != b[k]:
             raise ValueError(f"{what} was made with {k}={a[k]!r}, this optimizer uses {k}={b[k]!r}: a replay under "
                              f"another {k} would not reproduce the run; build it with {k}={a[k]!r}")
+
+
+class SeedLog(list):
+    """The records of a run (one dict per direction, in order) with the run's ``config`` (``MeZO.config()``), as a
+    ``seeds.jsonl`` holds them under its header: ``MeZO.log`` is one, so ``replay(params, opt.log)`` needs nothing
+    else. A list in every other respect: it iterates and indexes as the records, ``==`` compares the records only,
+    and a slice keeps the config. ``config`` None: bare records."""
+
+    def __init__(self, records: Iterable[dict] = (), config: dict | None = None):
+        super().__init__(records)
+        self.config = config
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return SeedLog(got, self.config) if isinstance(i, slice) else got
+
+    def __reduce__(self):
+        return SeedLog, (list(self), self.config)   # rebuilt from a list and a dict: torch.load(weights_only) reads it
+
+
+# torch.save(opt.log) loads with torch.load's default weights_only=True (once this module is imported)
+torch.serialization.add_safe_globals([SeedLog])
 
 
 class SeedLogWriter:
@@ -105,7 +131,10 @@ def read_log(path: str) -> tuple[dict, list[dict]]:
 
 def load(log) -> tuple[dict | None, list[dict]]:
     """``(config or None, records)`` from any form of a replay log: a ``seeds.jsonl`` path, ``(header, records)``
-    (header: a seed-log header or a config), a ``MeZO.state_dict()``, or bare records (no config)."""
+    (header: a seed-log header or a config), a ``MeZO.state_dict()``, a :class:`SeedLog` (``MeZO.log``, its config
+    if it carries one) or bare records (no config)."""
+    if isinstance(log, SeedLog):
+        return (dict(log.config) if log.config is not None else None), _records(log)
     if isinstance(log, (str, os.PathLike)):
         head, records = read_log(os.fspath(log))
         return head["config"], records
@@ -117,9 +146,13 @@ def load(log) -> tuple[dict | None, list[dict]]:
         head, records = log
         return (head["config"] if "config" in head else head), list(records)
     if isinstance(log, Sequence) or hasattr(log, "__iter__"):
-        records = list(log)
-        if not all(isinstance(r, dict) and all(k in r for k in _KEYS) for r in records):
-            raise ValueError(f"log records must be dicts with {_KEYS}")
-        return None, records
-    raise TypeError(f"log must be a seeds.jsonl path, (header, records), a MeZO state_dict or records, "
+        return None, _records(log)
+    raise TypeError(f"log must be a seeds.jsonl path, (header, records), a MeZO state_dict, MeZO.log or records, "
                     f"got {type(log).__name__}")
+
+
+def _records(log: Iterable) -> list[dict]:
+    records = list(log)
+    if not all(isinstance(r, dict) and all(k in r for k in _KEYS) for r in records):
+        raise ValueError(f"log records must be dicts with {_KEYS}")
+    return records

@@ -1,153 +1,113 @@
-"""MeZO's replay log and checkpoint side: ``config``, ``replay_``, ``state_dict``, ``load_state_dict``, and
-:func:`replay`, which rebuilds trained weights from a seed log.
+"""What a MeZO run has done, and its checkpoint side: :class:`StepLog` (the step counter, the skip and zero-g
+counters, the replay log), the logged steps read back for replay, and the fp32 masters in ``params`` order.
 
-A mixin of :class:`~mezo_kernels.optim.MeZO` (which provides the state used here: the param sets, the flat order,
-the counters and ``_run_step``). Replay repeats the logged steps' weight operations through ``_run_step`` with the
-logged g instead of losses, so it lands on the same bits.
+``MeZO`` owns a ``StepLog`` and hands it each step's hyperparameters and directions; nothing here sees the
+optimizer: every function receives what it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Sequence
 
 import torch
 
-from . import seedlog
+from .. import rng
+from ..perturb import ParamSet
+from .seedlog import SeedLog
+from .steps import Direction
 
-if TYPE_CHECKING:
-    from .mezo import MeZO
-
-__all__ = ["ReplayState", "replay"]
-
-
-@dataclass
-class _Dir:
-    seed: int
-    g: float = 0.0
-    skip: str | None = None      # None, "plus" or "minus": where a non-finite loss stopped the direction
+__all__ = ["StepLog", "logged_steps", "hyper_of", "masters_in_order", "load_masters"]
 
 
-class ReplayState:
-    """``config``/``replay_``/``state_dict``/``load_state_dict`` of ``MeZO``."""
+class StepLog:
+    """``step_count``, ``skipped_directions``, ``zero_grad_steps``, and ``records``: a :class:`SeedLog` (one dict
+    ``{"step", "seed", "g", "lr", "wd"[, "skip"][, "groups"]}`` per direction) carrying ``config``, the run's
+    ``MeZO.config()``."""
 
-    def _hyper_of(self, rec: dict) -> list[tuple[float, float]]:
-        if "groups" in rec:
-            if len(rec["groups"]) != len(self.param_groups):
-                raise ValueError(f"step {rec['step']}: the log has {len(rec['groups'])} param groups, this optimizer "
-                                 f"{len(self.param_groups)}")
-            return [(float(lr), float(w)) for lr, w in rec["groups"]]
-        lr, wd = float(rec["lr"]), float(rec["wd"])
-        return [(lr, wd if g["weight_decay"] != 0 else 0.0) for g in self.param_groups]
+    def __init__(self, config: dict):
+        self.records = SeedLog(config=config)
+        self.step_count = self.skipped_directions = self.zero_grad_steps = 0
 
-    def replay_(self, log) -> "MeZO":
-        """Apply logged steps to the current weights (which must be the weights the log started from).
+    def record(self, t: int, hyper: Sequence[tuple[float, float]], dirs: Sequence[Direction],
+               weight_decay: float) -> None:
+        """Log step ``t`` (its ``(lr, wd)`` per group, its directions) and count it; ``weight_decay``: the
+        optimizer's default, which one ``(lr, wd)`` pair stands for when it can."""
+        # one (lr, wd) stands for every group when all lrs agree and each group decays by wd or not at all
+        uniform = all(lr == hyper[0][0] and w in (0.0, weight_decay) for lr, w in hyper)
+        head = {"lr": hyper[0][0], "wd": weight_decay} if uniform else \
+            {"lr": hyper[0][0], "wd": hyper[0][1], "groups": [[lr, w] for lr, w in hyper]}
+        for d in dirs:
+            rec = {"step": t, "seed": d.seed, "g": d.g, **head}
+            if d.skip:
+                rec["skip"] = d.skip
+                self.skipped_directions += 1
+            self.records.append(rec)
+        self.step_count = t + 1
 
-        ``log``: records, or any form :func:`seedlog.load` reads; when it carries its config, a log made under
-        other modes (distribution, perturbation, rounding) is refused with a ValueError."""
-        logged, records = seedlog.load(log)
-        if logged is not None:
-            seedlog.check_modes(logged, self.config())
-        by_step: dict[int, list[dict]] = {}
-        for rec in records:
-            by_step.setdefault(int(rec["step"]), []).append(rec)
-        for t in sorted(by_step):
-            recs = by_step[t]
-            dirs = [_Dir(int(r["seed"]), float(r["g"]), r.get("skip")) for r in recs]
-            hyper = self._hyper_of(recs[0])
-            self._run_step(hyper, [d.seed for d in dirs], None, 1, dirs)
-            self._record(t, hyper, dirs)
-        return self
+    def count_zero_grad(self, dirs: Sequence[Direction]) -> None:
+        """A trained step (not a replayed one) whose valid directions all had g = 0 counts as a zero-g step."""
+        valid = [d for d in dirs if d.skip is None]
+        self.zero_grad_steps += int(bool(valid) and all(d.g == 0.0 for d in valid))
 
-    def config(self) -> dict:
-        """The constructor arguments that fix the run's bits (``MeZO(params, **config())`` rebuilds it)."""
-        cfg = {"lr": self.defaults["lr"], "eps": self.eps, "weight_decay": self.weight_decay, "seed": self.seed,
-               "n_directions": self.n_directions, "schedule": self.schedule,
-               "total_steps": self.total_steps if self.schedule == "linear" else None}   # only linear uses it
-        # keys past today's seven only when they differ from the defaults, so earlier logs still match
-        if self._exact is not None:
-            cfg["exact_restore"] = self._exact
-        if self._explicit_bases:
-            cfg["bases"] = list(self._bases)
-        if self._no_decay_names is not None:
-            cfg["no_decay"] = list(self._no_decay_names)
-        if self._groups_cfg is not None:
-            cfg["groups"] = [dict(g) for g in self._groups_cfg]
-        default = seedlog.modes({"perturb": self.perturb})      # the rounding's default depends on the mode
-        if self.perturb != "inplace":
-            cfg["perturb"] = self.perturb
-        for k in ("distribution", "rounding"):
-            if getattr(self, k) != default[k]:
-                cfg[k] = getattr(self, k)
-        return cfg
+    def state(self) -> dict:
+        """The ``state_dict`` entries: ``step``, the counters and ``log`` (plain records)."""
+        return {"step": self.step_count, "skipped_directions": self.skipped_directions,
+                "zero_grad_steps": self.zero_grad_steps, "log": list(self.records)}
 
-    def state_dict(self) -> dict:
-        """torch's ``{"state", "param_groups"}`` plus ``config``, ``step``, counters, the replay ``log`` and the fp32
-        ``masters`` (one per tensor in ``params`` order, None where there is none; live tensors, as torch's)."""
-        sd = super().state_dict()
-        masters: list[torch.Tensor | None] = [None] * len(self._flat)
-        in_order = [m for ps in self._sets if ps is not None for m in ps.masters()]   # group order
-        for pos, m in enumerate(in_order):
-            masters[self._flat[pos]] = m
-        sd.update(config=self.config(), step=self.step_count, skipped_directions=self.skipped_directions,
-                  zero_grad_steps=self.zero_grad_steps, log=list(self.log), masters=masters)
-        return sd
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore group hyperparameters, counters, the log and the fp32 masters. The visible weights are the
-        model's business (a checkpoint loads them; ``replay_`` rebuilds them)."""
-        if not isinstance(state, dict) or not {"config", "step", "log"} <= state.keys():
-            raise ValueError("not a MeZO state_dict (expected the keys config, step and log)")
-        cfg = state["config"]
-        for k in ("eps", "n_directions", "seed"):
-            if cfg[k] != getattr(self, k):
-                raise ValueError(f"state_dict was saved with {k}={cfg[k]!r}, this optimizer has {getattr(self, k)!r}")
-        seedlog.check_modes(cfg, self.config(), "state_dict")
-        masters = state.get("masters")
-        if masters is not None and len(masters) != len(self._flat):
-            raise ValueError(f"state_dict holds {len(masters)} tensors' masters, this optimizer has {len(self._flat)}")
-        if "param_groups" in state:
-            super().load_state_dict({"state": {}, "param_groups": state["param_groups"]})
-        else:                                   # written before MeZO had param groups
-            for g in self.param_groups:
-                g["lr"], g["weight_decay"] = cfg["lr"], cfg["weight_decay"] if g["weight_decay"] != 0 else 0.0
-        self.defaults.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        self.schedule, self.total_steps = cfg["schedule"], cfg["total_steps"]
-        self.step_count, self.log = int(state["step"]), list(state["log"])
+    def load(self, state: dict, config: dict) -> None:
+        """Take the counters and the log of ``state`` (a ``state_dict``); ``config``: the run's config now."""
+        self.step_count = int(state["step"])
+        self.records = SeedLog(state["log"], config)
         self.skipped_directions, self.zero_grad_steps = state["skipped_directions"], state["zero_grad_steps"]
-        if masters is not None:
-            start = 0
-            for ps in self._sets:
-                n = len(ps.tensors) if ps is not None else 0
-                saved = [masters[i] for i in self._flat[start:start + n]]
-                start += n
-                if ps is None or all(m is None for m in saved):
-                    continue
-                ps.resync_()                    # the weights may have been reloaded (new storage or values)
-                for m, src in zip(ps.masters(), saved):
-                    if m is not None and src is not None and src.data_ptr() != m.data_ptr():
-                        m.copy_(src)
 
 
-def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
-           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
-    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
-    backend and mode.
+def logged_steps(records: Sequence[dict]) -> list[tuple[int, list[Direction], dict]]:
+    """``(step, its directions, its first record)`` per logged step, in step order; a logged seed is checked here,
+    where it enters (a ValueError or TypeError naming the step)."""
+    by_step: dict[int, list[dict]] = {}
+    for rec in records:
+        by_step.setdefault(int(rec["step"]), []).append(rec)
+    out = []
+    for t in sorted(by_step):
+        try:
+            dirs = [Direction(rng.check_seed(r["seed"]), float(r["g"]), r.get("skip")) for r in by_step[t]]
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"step {t} of the log: {e}") from None
+        out.append((t, dirs, by_step[t][0]))
+    return out
 
-    ``log``: a ``seeds.jsonl`` path, ``(header, records)``, a ``MeZO.state_dict()``, or records with ``config``.
-    ``config``: ``MeZO.config()`` of the run; default: the one the log carries (a ValueError when both are there
-    and their modes differ: another distribution would replay other directions). ``model``: the module owning
-    ``params``, needed to continue training a virtual-perturbation run (replay itself runs no forward). Returns
-    the optimizer, ready to continue training (resume)."""
-    from .mezo import _NO_FORWARDS, MeZO  # MeZO mixes ReplayState in: imported when called, not at load
-    logged, records = seedlog.load(log)
-    if config is not None and logged is not None:
-        seedlog.check_modes(logged, config)
-    cfg = dict(config if config is not None else logged or {})
-    if not cfg:
-        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
-    if exact_restore is not None:
-        cfg["exact_restore"] = exact_restore
-    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
-    if model is None and cfg.get("perturb") == "virtual":
-        model = _NO_FORWARDS
-    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)
+
+def hyper_of(rec: dict, decays: Sequence[float]) -> list[tuple[float, float]]:
+    """``(lr, wd)`` per param group of a logged step; ``decays``: each group's ``weight_decay`` (a group without
+    decay gets none from a single logged ``wd``)."""
+    if "groups" in rec:
+        if len(rec["groups"]) != len(decays):
+            raise ValueError(f"step {rec['step']}: the log has {len(rec['groups'])} param groups, this optimizer "
+                             f"{len(decays)}")
+        return [(float(lr), float(w)) for lr, w in rec["groups"]]
+    lr, wd = float(rec["lr"]), float(rec["wd"])
+    return [(lr, wd if d != 0 else 0.0) for d in decays]
+
+
+def masters_in_order(sets: Sequence[ParamSet | None], flat: Sequence[int]) -> list[torch.Tensor | None]:
+    """The fp32 masters, one per tensor in ``params`` order (None where there is none; live tensors, as torch's
+    state). ``flat``: position in group order -> flat index."""
+    masters: list[torch.Tensor | None] = [None] * len(flat)
+    in_order = [m for ps in sets if ps is not None for m in ps.masters()]   # group order
+    for pos, m in enumerate(in_order):
+        masters[flat[pos]] = m
+    return masters
+
+
+def load_masters(sets: Sequence[ParamSet | None], flat: Sequence[int], masters: Sequence[torch.Tensor | None]) -> None:
+    """Copy saved ``masters`` (``masters_in_order``'s form, its length checked by the caller) into the sets."""
+    start = 0
+    for ps in sets:
+        n = len(ps.tensors) if ps is not None else 0
+        saved = [masters[i] for i in flat[start:start + n]]
+        start += n
+        if ps is None or all(m is None for m in saved):
+            continue
+        ps.resync_()                    # the weights may have been reloaded (new storage or values)
+        for m, src in zip(ps.masters(), saved):
+            if m is not None and src is not None and src.data_ptr() != m.data_ptr():
+                m.copy_(src)

@@ -3,17 +3,21 @@
 The stored weights are only read: neither their bits nor their version counters change, so a caller can run a
 forward on the copy while theta stays the exact, unperturbed state. Element i of tensor t still sees
 z(seed, bases[t] + i) of the set's distribution, the z of the in-place path.
+
+``Copier`` does the work for one built set; ``ParamSet`` owns one and hands it, per call, what only the set can
+decide: a checked seed and the backend chosen for mode OUT (``kernels.choose``).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from .. import _compat
-from .. import rng
 from .plan import _Group
-from ..rng import KernelMode
+from ..rng import Distribution, KernelMode
 
-__all__ = ["CopyMixin"]
+__all__ = ["Copier", "check_index"]
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -23,79 +27,77 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-class CopyMixin:
-    """``perturbed_copy`` / ``perturbed_copies`` of ``ParamSet`` (which provides the state used here)."""
+def check_index(index: int, n: int) -> int:
+    """``index`` into a set of ``n`` tensors as a non-negative int (negative counts from the end)."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    if not -n <= index < n:
+        raise ValueError(f"index {index} out of range for a set of {n} tensors")
+    return index % n
 
-    def _check_copy(self, seed: int, index: int | None = None) -> int:
-        # one tensor's copy reads only that tensor: when its storage is the one the tables know, the scan of every
-        # tensor's storage (a rebuild check, O(tensors) per call and so O(tensors^2) per virtual forward) can wait
-        # for a call that reads the others
-        if index is not None and self._tensors[index].data_ptr() == self._ptrs[index]:
-            seed = rng.check_seed(seed)
-        else:
-            seed = self._prepare(seed)
-        if self._active is not None:
-            raise RuntimeError(f"the weights are perturbed in place by seed {self._active[0]}: restore_() before "
-                               "taking perturbed copies of theta")
-        return seed
 
-    def _launch_out(self, plan: _Group, dsts: list[torch.Tensor], seed: int, offset: float) -> None:
+class Copier:
+    """Mode OUT for one built set: the plans (one per tensor, one per dtype group, built on first use and pointed
+    at each call's destinations) and the launches.
+
+    Args:
+        names, tensors, bases: the set's, in its order.
+        groups: the set's dtype groups (their tensors and bases are the sources of a whole-set copy), with
+            ``group_index[g]``, the set positions of group g's tensors.
+        dist: the set's distribution.
+    """
+
+    def __init__(self, names: Sequence[str], tensors: Sequence[torch.Tensor], bases: Sequence[int],
+                 groups: Sequence[_Group], group_index: Sequence[list[int]], dist: Distribution):
+        self._names, self._tensors, self._bases = names, tensors, bases
+        self._groups, self._group_index, self._dist = groups, group_index, dist
+        self._plans: dict[int, _Group] = {}            # per tensor index, and per group (-1 - g)
+
+    def out_for(self, index: int, out: torch.Tensor | None) -> torch.Tensor:
+        """``out`` checked against tensor ``index`` (shape, dtype, device, contiguous, not overlapping it), or a new
+        contiguous buffer like it when None."""
+        theta, name = self._tensors[index], self._names[index]
+        if out is None:
+            return torch.empty_like(theta, memory_format=torch.contiguous_format)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != theta.dtype:
+            raise TypeError(f"out has dtype {out.dtype}, {name} has {theta.dtype}")
+        if out.shape != theta.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, {name} has {tuple(theta.shape)}")
+        if out.device != theta.device:
+            raise ValueError(f"out is on device {out.device}, {name} on device {theta.device}")
+        if not out.is_contiguous():
+            raise ValueError(f"out is not contiguous (stride {out.stride()}); the kernels write flat memory")
+        if _overlaps(out, theta):
+            raise ValueError(f"out overlaps {name}'s storage: theta must never be written")
+        return out
+
+    def copy(self, backend, seed: int, offset: float, index: int, out: torch.Tensor) -> None:
+        """Write tensor ``index`` (non-empty) perturbed into ``out`` (from :meth:`out_for`) with ``backend``, in one
+        launch; ``seed`` already checked."""
+        plan = self._plans.get(index)
+        if plan is None:
+            plan = self._plans[index] = _Group([out.detach()], [self._bases[index]], None,
+                                               sources=[self._tensors[index].detach()])
+        self._launch(backend, plan, [out.detach()], seed, offset)
+
+    def copies(self, backend, seed: int, offset: float) -> list[torch.Tensor]:
+        """Every tensor perturbed, in new buffers in the set's order: one launch per dtype group (``backend``: None
+        when there is no group); ``seed`` already checked."""
+        outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self._tensors]
+        for gi, (g, idx) in enumerate(zip(self._groups, self._group_index)):
+            plan = self._plans.get(-1 - gi)
+            dsts = [outs[i].detach() for i in idx]
+            if plan is None:
+                plan = self._plans[-1 - gi] = _Group(dsts, g.bases, None, sources=g.tensors)
+            self._launch(backend, plan, dsts, seed, offset)
+        return outs
+
+    def _launch(self, backend, plan: _Group, dsts: list[torch.Tensor], seed: int, offset: float) -> None:
         plan.retarget(dsts)
         try:
-            self._backend_for(KernelMode.OUT).launch(plan, seed, 1.0, offset, 0.0, KernelMode.OUT, self._dist)
+            backend.launch(plan, seed, 1.0, offset, 0.0, KernelMode.OUT, self._dist)
         finally:
             plan.release()
         _compat.bump_version(dsts)   # written through raw pointers, as an in-place op would
-        self.launches += 1
-
-    def perturbed_copy(self, seed: int, offset: float, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor ``index`` (in ``tensors`` order) as ``round(theta + offset*z(seed))``, in one launch of mode OUT.
-
-        ``out``: a contiguous tensor of theta's shape, dtype and device, not overlapping theta, or None for a new
-        one. Returns ``out``. theta is never written and its version counter is not bumped. Refused (RuntimeError)
-        while the set is perturbed in place."""
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not -len(self._tensors) <= index < len(self._tensors):
-            raise ValueError(f"index {index} out of range for a set of {len(self._tensors)} tensors")
-        index %= len(self._tensors)
-        seed = self._check_copy(seed, index)
-        theta = self._tensors[index]
-        name = self.names[index]
-        if out is None:
-            out = torch.empty_like(theta, memory_format=torch.contiguous_format)
-        else:
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-            if out.dtype != theta.dtype:
-                raise TypeError(f"out has dtype {out.dtype}, {name} has {theta.dtype}")
-            if out.shape != theta.shape:
-                raise ValueError(f"out has shape {tuple(out.shape)}, {name} has {tuple(theta.shape)}")
-            if out.device != theta.device:
-                raise ValueError(f"out is on device {out.device}, {name} on device {theta.device}")
-            if not out.is_contiguous():
-                raise ValueError(f"out is not contiguous (stride {out.stride()}); the kernels write flat memory")
-            if _overlaps(out, theta):
-                raise ValueError(f"out overlaps {name}'s storage: theta must never be written")
-        if theta.numel() == 0:
-            return out
-        plan = self._copy_plans.get(index)
-        if plan is None:
-            plan = self._copy_plans[index] = _Group([out.detach()], [self.bases[index]], None,
-                                                    sources=[theta.detach()])
-        self._launch_out(plan, [out.detach()], seed, float(offset))
-        return out
-
-    def perturbed_copies(self, seed: int, offset: float) -> list[torch.Tensor]:
-        """Every tensor as ``round(theta + offset*z(seed))`` in new buffers, one launch per dtype group.
-
-        Returns tensors in ``tensors`` order, each of its theta's shape and dtype. theta is never written."""
-        seed = self._check_copy(seed)
-        outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in self._tensors]
-        for gi, (g, idx) in enumerate(zip(self._groups, self._group_index)):
-            plan = self._copy_plans.get(-1 - gi)
-            dsts = [outs[i].detach() for i in idx]
-            if plan is None:
-                plan = self._copy_plans[-1 - gi] = _Group(dsts, g.bases, None, sources=g.tensors)
-            self._launch_out(plan, dsts, seed, float(offset))
-        return outs

@@ -24,18 +24,18 @@ import torch
 from .. import _compat
 from .. import kernels as _bk
 from .. import rng
-from .copy import CopyMixin
+from .copy import Copier, check_index
 from .plan import TensorLike, _Group, check_tensor as _check_tensor, fill_normal_, fill_sign_, split_named
-from ..rng import KernelMode
+from ..rng import Distribution, KernelMode
 
 __all__ = ["ParamSet", "fill_normal_", "fill_sign_", "split_named"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ROUNDINGS = ("nearest", "stochastic")
-# the modes a set launches on its weights (perturb, restore, updates); OUT and AXPBY_SR are resolved when used
+# the modes a set launches on its weights, chosen when it is built; OUT and AXPBY_SR are chosen when first used
 _CORE_MODES = (KernelMode.AXPBY, KernelMode.MASTER_UPDATE, KernelMode.MASTER_VIEW)
 
 
-class ParamSet(CopyMixin):
+class ParamSet:
     """An ordered set of tensors updated in place by the fused seeded kernels.
 
     Args:
@@ -81,9 +81,9 @@ class ParamSet(CopyMixin):
             raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
         self.device = tensors[0].device
         self.bases = self._explicit_bases or rng.default_bases(t.numel() for t in tensors)
-        self._backend = _bk.resolve(self._backend_arg, self.device, _CORE_MODES, self._dist)
-        self._mode_backends: dict[KernelMode, object] = {}
-        self._copy_plans: dict[int, _Group] = {}            # mode OUT: per tensor index, and per group (-1 - g)
+        self._kernels: dict[KernelMode, object] = {}         # kernels.choose's answers for this set, per mode
+        for mode in _CORE_MODES:
+            self.backend_for(mode)
         order: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             if t.numel():
@@ -96,6 +96,7 @@ class ParamSet(CopyMixin):
             self._groups.append(_Group(ts, [self.bases[i] for i in idx], masters))
         self._group_index = list(order.values())             # tensor indices of each group, in group order
         self._ptrs = [t.data_ptr() for t in tensors]
+        self._copier = Copier(self.names, tensors, self.bases, self._groups, self._group_index, self._dist)
 
     def _check_storage(self) -> None:
         """Rebuild when a tensor's storage was replaced (``p.data = ...``); refuse mid-perturbation."""
@@ -108,7 +109,8 @@ class ParamSet(CopyMixin):
     # ------------------------------------------------------------------------------------------- properties
     @property
     def backend(self) -> str:
-        return self._backend.name
+        """The name of the backend that runs the set's in-place operations."""
+        return self._kernels[KernelMode.AXPBY].name
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -118,6 +120,11 @@ class ParamSet(CopyMixin):
     def distribution(self) -> str:
         """``"gaussian"`` or ``"rademacher"``: the stream every operation of this set draws z from."""
         return self._dist.label
+
+    @property
+    def dist(self) -> Distribution:
+        """The set's distribution as the spec's enum (parsed once, when the set was built)."""
+        return self._dist
 
     @property
     def numel(self) -> int:
@@ -141,14 +148,13 @@ class ParamSet(CopyMixin):
         return [out.get(t.data_ptr()) for t in self._tensors]
 
     # ------------------------------------------------------------------------------------------- operations
-    def _backend_for(self, mode: KernelMode):
-        """The set's backend if it serves ``mode`` with the set's distribution, else (backend ``auto``) the first
-        that does; a named backend that does not is a ValueError saying why."""
-        if self._backend.unsupported(mode, self._dist) is None:
-            return self._backend
-        if mode not in self._mode_backends:
-            self._mode_backends[mode] = _bk.resolve(self._backend_arg, self.device, (mode,), self._dist)
-        return self._mode_backends[mode]
+    def backend_for(self, mode: KernelMode):
+        """The backend object that runs kernel ``mode`` on this set: ``kernels.choose``'s answer for the set's
+        backend argument, device and distribution, asked once per mode (ValueError when a named backend cannot)."""
+        found = self._kernels.get(mode)
+        if found is None:
+            found = self._kernels[mode] = _bk.choose(self._backend_arg, self.device, mode, self._dist)
+        return found
 
     def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float],
              master_mode: KernelMode, stochastic: bool = False) -> None:
@@ -156,10 +162,10 @@ class ParamSet(CopyMixin):
         master groups ``master_mode`` with (alpha, beta, gamma) -- they differ because masters are never perturbed."""
         for g in self._groups:
             if g.masters:
-                self._backend.launch(g, seed, *master, master_mode, self._dist)
+                self.backend_for(master_mode).launch(g, seed, *master, master_mode, self._dist)
             else:
                 mode = KernelMode.AXPBY_SR if stochastic and g.dtype in _LOW_PRECISION else KernelMode.AXPBY
-                self._backend_for(mode).launch(g, seed, plain[0], plain[1], 0.0, mode, self._dist)
+                self.backend_for(mode).launch(g, seed, plain[0], plain[1], 0.0, mode, self._dist)
             # the kernels write through raw pointers, which PyTorch cannot see: bump each tensor's version
             # counter as an in-place op would, so version-keyed caches (the forward engine's) never go stale
             _compat.bump_version(g.tensors)
@@ -167,6 +173,7 @@ class ParamSet(CopyMixin):
         self.version += 1
 
     def _prepare(self, seed: int) -> int:
+        """The one check of a public call's seed (``rng.check_seed``); then the storage check."""
         seed = rng.check_seed(seed)
         self._check_storage()
         return seed
@@ -234,6 +241,43 @@ class ParamSet(CopyMixin):
         step = -float(lr) * float(grad)
         self._run(seed, (alpha, step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE, rounding == "stochastic")
         return self
+
+    # ------------------------------------------------------------------------------------------- copies (mode OUT)
+    def _prepare_copy(self, seed: int, index: int | None = None) -> int:
+        seed = rng.check_seed(seed)
+        # one tensor's copy reads only that tensor: when its storage is the one the tables know, the scan of every
+        # tensor's storage (a rebuild check, O(tensors) per call and so O(tensors^2) per virtual forward) can wait
+        # for a call that reads the others
+        if index is None or self._tensors[index].data_ptr() != self._ptrs[index]:
+            self._check_storage()
+        if self._active is not None:
+            raise RuntimeError(f"the weights are perturbed in place by seed {self._active[0]}: restore_() before "
+                               "taking perturbed copies of theta")
+        return seed
+
+    def perturbed_copy(self, seed: int, offset: float, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``index`` (in ``tensors`` order) as ``round(theta + offset*z(seed))``, in one launch of mode OUT.
+
+        ``out``: a contiguous tensor of theta's shape, dtype and device, not overlapping theta, or None for a new
+        one. Returns ``out``. theta is never written and its version counter is not bumped. Refused (RuntimeError)
+        while the set is perturbed in place."""
+        index = check_index(index, len(self._tensors))
+        seed = self._prepare_copy(seed, index)
+        out = self._copier.out_for(index, out)
+        if self._tensors[index].numel():
+            self._copier.copy(self.backend_for(KernelMode.OUT), seed, float(offset), index, out)
+            self.launches += 1
+        return out
+
+    def perturbed_copies(self, seed: int, offset: float) -> list[torch.Tensor]:
+        """Every tensor as ``round(theta + offset*z(seed))`` in new buffers, one launch per dtype group.
+
+        Returns tensors in ``tensors`` order, each of its theta's shape and dtype. theta is never written."""
+        seed = self._prepare_copy(seed)
+        backend = self.backend_for(KernelMode.OUT) if self._groups else None
+        outs = self._copier.copies(backend, seed, float(offset))
+        self.launches += len(self._groups)
+        return outs
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, offset: float) -> Iterator["ParamSet"]:

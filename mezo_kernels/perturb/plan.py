@@ -95,6 +95,7 @@ def check_tensor(name: str, t: torch.Tensor) -> None:
 
 
 def _fill(t: torch.Tensor, seed: int, base: int, backend: str, dist: Distribution, what: str) -> torch.Tensor:
+    """The public fills' one body: the seed is checked here, once; ``dist`` is the spec's enum."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor, got {type(t).__name__}")
     check_tensor(f"{what} target", t)
@@ -104,7 +105,7 @@ def _fill(t: torch.Tensor, seed: int, base: int, backend: str, dist: Distributio
     if t.numel() == 0:
         return t
     g = _Group([t.detach()], [base], None)
-    _bk.resolve(backend, t.device, (KernelMode.FILL,), dist).launch(g, seed, 0.0, 1.0, 0.0, KernelMode.FILL, dist)
+    _bk.choose(backend, t.device, KernelMode.FILL, dist).launch(g, seed, 0.0, 1.0, 0.0, KernelMode.FILL, dist)
     return t
 
 

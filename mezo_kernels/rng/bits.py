@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .philox import DTYPE_CODES, SIGN_GROUP, SR_GROUP, SR_SEED_XOR, Distribution, check_seed, distribution_code, normal, philox_words, splitmix64
+from .philox import (DTYPE_CODES, SIGN_GROUP, SR_GROUP, SR_SEED_XOR, Distribution, check_seed, distribution_code,
+                     normal, philox_words, splitmix64)
 
 __all__ = ["stream_bits", "signs", "direction", "sr_seed", "sr_bits", "stochastic_round"]
 _MASK32 = 0xFFFFFFFF
@@ -37,7 +38,7 @@ def stream_bits(seed: int, base: int, n: int, group: int, bits: int, device) -> 
 
 
 def signs(seed: int, base: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The sign (Rademacher) stream z[base : base + n] as float32 +-1, shape ``[n]`` (rng_spec.md "Signs").
+    """The sign (Rademacher) stream z[base : base + n] as float32 +-1, shape ``[n]`` (docs/rng_spec.md "Signs").
 
     Counter ``k = g >> 7`` (SIGN_GROUP elements per Philox call); bit ``b`` = bit ``g & 31`` of word
     ``(g & 127) >> 5``; ``z = 1 - 2*b``."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import enum
 
-from .philox import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, SIGN_GROUP, SPLITMIX_GOLDEN, SPLITMIX_M1, SPLITMIX_M2, SR_GROUP, SR_SEED_XOR, TWO_PI_F32, U_MIN_F32, UNIFORM_SCALE, UNIFORM_SCALE_BITS, Distribution, DTypeCode, KernelMode
+from .philox import (PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, SIGN_GROUP, SPLITMIX_GOLDEN,
+                     SPLITMIX_M1, SPLITMIX_M2, SR_GROUP, SR_SEED_XOR, TWO_PI_F32, U_MIN_F32, UNIFORM_SCALE,
+                     UNIFORM_SCALE_BITS, Distribution, DTypeCode, KernelMode)
 
 __all__ = ["HEADER_PATH", "emit_header"]
 
@@ -47,7 +49,7 @@ def emit_header() -> str:
         "#pragma once", "", "#include <cstdint>", "",
         "#if defined(__CUDACC__)", "#define MEZO_SPEC_HD __host__ __device__", "#else", "#define MEZO_SPEC_HD",
         "#endif", "", "namespace mezo {", "",
-        "// Philox4x32-10 (shared/docs/rng_spec.md)",
+        "// Philox4x32-10 (docs/rng_spec.md)",
         f"constexpr uint32_t kPhiloxM0 = 0x{PHILOX_M0:08X}u;  // round multiplier of counter word 0",
         f"constexpr uint32_t kPhiloxM1 = 0x{PHILOX_M1:08X}u;  // round multiplier of counter word 2",
         f"constexpr uint32_t kPhiloxW0 = 0x{PHILOX_W0:08X}u;  // key schedule: golden ratio",

@@ -6,7 +6,9 @@ Files are tab-separated with a header row and no quoting (``csv.QUOTE_NONE``). C
 GLUE's ``sentence<TAB>label`` work; other columns (``idx``) are ignored, and a task's ``label_names`` (RTE's
 ``entailment``/``not_entailment``) are accepted in place of the integer labels.
 
-The data is never copied: pass its folder with a flag or ``MEZO_DATA_DIR`` (see :func:`resolve_data_dir`).
+The data is never copied: pass its folder with a flag or ``MEZO_DATA_DIR`` (see :func:`find_data_dir`); a task's
+folder is ``<dir>/sst2/`` or GLUE's own ``<dir>/SST-2/`` (:func:`task_dir`). With no folder at all, GLUE SST-2 and
+RTE come from the hub through ``datasets`` (glue_hub.py), or one error line says how to get them.
 """
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from .files import read_data_file
+from .glue_hub import GLUE_FOLDERS, GLUE_HUB_ID, has_glue, load_glue
 from .records import Example, Task, canonical_task_name
 from .registry import get_task
 from .spec import is_spec_path
 
-__all__ = ["Splits", "read_glue_tsv", "read_data_file", "resolve_data_dir", "load_splits",
-           "load_task_splits", "canonical_task_name", "subsample", "DATA_DIR_ENV"]
+__all__ = ["Splits", "read_glue_tsv", "read_data_file", "resolve_data_dir", "find_data_dir", "task_dir",
+           "load_splits", "load_task_splits", "canonical_task_name", "subsample", "DATA_DIR_ENV"]
 
 DATA_DIR_ENV = "MEZO_DATA_DIR"
+_HOW = (f"pass --data-dir DIR or set {DATA_DIR_ENV}=DIR (the folder holding sst2/ and rte/ with "
+        "train.tsv, dev.tsv)")
 
 
 @dataclass(frozen=True)
@@ -83,29 +88,61 @@ def _read_tsv(path: Path, spec: Task, split: str) -> list[Example]:
     return out
 
 
-def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
+def find_data_dir(arg: str | os.PathLike | None) -> Path | None:
     """The data folder: ``arg`` (a command-line flag) if given, else ``$MEZO_DATA_DIR``, else ``../shared/data``
-    (from the working directory) when it holds ``sst2/``.
+    (from the working directory) when it holds ``sst2/``; None when none of them is given or found.
 
-    Raises ValueError when neither is set, FileNotFoundError when the folder does not exist; both messages say
-    how to set it.
+    FileNotFoundError when the folder given by ``arg`` or the environment does not exist.
     """
-    how = f"pass --data-dir DIR or set {DATA_DIR_ENV}=DIR (the folder holding sst2/ and rte/ with train.tsv, dev.tsv)"
     if arg is None or str(arg) == "":
         env = os.environ.get(DATA_DIR_ENV, "")
         if not env:
             # the project's own layout (a checkout beside shared/): lets `mezo-kernels train` run with no options
             beside = Path.cwd().parent / "shared" / "data"
-            if (beside / "sst2").is_dir():
-                return beside
-            raise ValueError(f"no data directory given (and no ../shared/data): {how}")
+            return beside if (beside / "sst2").is_dir() else None
         arg, source = env, f"${DATA_DIR_ENV}"
     else:
         source = "the data-dir argument"
     p = Path(arg).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"data directory {str(p)!r} (from {source}) does not exist: {how}")
+        raise FileNotFoundError(f"data directory {str(p)!r} (from {source}) does not exist: {_HOW}")
     return p
+
+
+def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
+    """:func:`find_data_dir`, or ValueError when no folder is given or found; both errors say how to set it.
+
+    (:func:`load_splits` instead fetches GLUE SST-2 / RTE through ``datasets`` when there is no folder.)
+    """
+    p = find_data_dir(arg)
+    if p is None:
+        raise ValueError(f"no data directory given (and no ../shared/data): {_HOW}")
+    return p
+
+
+def task_dir(root: Path, task: Task) -> Path:
+    """The folder of ``task`` in the data folder ``root``: ``root/<name>`` (``sst2``, ``rte``), or GLUE's own
+    download name (``SST-2``, ``RTE``) when only that exists. FileNotFoundError naming both when neither holds
+    ``train.tsv``."""
+    names = [task.name] + ([GLUE_FOLDERS[task.name]] if task.name in GLUE_FOLDERS else [])
+    for name in names:
+        if (root / name / "train.tsv").is_file():
+            return root / name
+    raise FileNotFoundError(f"data directory {str(root)!r} has no {' or '.join(n + '/train.tsv' for n in names)}: "
+                            f"it holds one folder per task with train.tsv and dev.tsv (GLUE TSVs)")
+
+
+def _task_examples(task: Task, data_dir: str | os.PathLike | None) -> tuple[list[Example], list[Example], str]:
+    """(train pool, held-out rows, what to call the pool in errors) of ``task``: the TSVs of its folder in the
+    data folder, or, when no folder is given or found, GLUE SST-2 / RTE through ``datasets`` (glue_hub.py; one
+    line naming both ways when that cannot work)."""
+    root = find_data_dir(data_dir)
+    if root is None and has_glue(task):
+        pool, heldout = load_glue(task)
+        return pool, heldout, f"{GLUE_HUB_ID} ({task.name}) train"
+    folder = task_dir(resolve_data_dir(data_dir) if root is None else root, task)
+    train_file = folder / "train.tsv"
+    return _read_tsv(train_file, task, "train"), _read_tsv(folder / "dev.tsv", task, "dev"), str(train_file)
 
 
 def _sample_kshot(examples: list[Example], k: int, rng: random.Random, what: str
@@ -130,7 +167,8 @@ def _sample_kshot(examples: list[Example], k: int, rng: random.Random, what: str
 
 def load_splits(task: str | Task, data_dir: str | os.PathLike | None, protocol: Literal["kshot", "opt"] = "kshot",
                 k: int = 16, seed: int = 0, *, opt_sizes: tuple[int, int, int] = (1000, 500, 1000)) -> Splits:
-    """Sample the train/dev/test splits of ``task`` from ``data_dir/<task>/{train,dev}.tsv``.
+    """Sample the train/dev/test splits of ``task`` from ``data_dir/<task>/{train,dev}.tsv`` (no folder given or
+    found: GLUE's train / validation rows through ``datasets``, see glue_hub.py).
 
     * ``"kshot"`` (the MeZO paper's RoBERTa protocol, after LM-BFF): ``k`` examples per class for train and
       another ``k`` per class for dev, disjoint, both sampled from the train file; test = the whole dev file.
@@ -142,11 +180,8 @@ def load_splits(task: str | Task, data_dir: str | os.PathLike | None, protocol: 
     platform). Train and dev come shuffled.
     """
     spec = task if isinstance(task, Task) else get_task(task)
-    root = resolve_data_dir(data_dir) / spec.name
-    train_file, dev_file = root / "train.tsv", root / "dev.tsv"
-    pool = _read_tsv(train_file, spec, "train")
-    heldout = _read_tsv(dev_file, spec, "dev")
-    return _protocol_splits(pool, heldout, protocol, k, seed, opt_sizes, str(train_file))
+    pool, heldout, what = _task_examples(spec, data_dir)
+    return _protocol_splits(pool, heldout, protocol, k, seed, opt_sizes, what)
 
 
 def load_task_splits(task: str | Task, data_dir: str | os.PathLike | None = None,
@@ -168,8 +203,9 @@ def load_task_splits(task: str | Task, data_dir: str | os.PathLike | None = None
     give the same splits.
     """
     if train_file is None and eval_file is None and test_file is None:
-        if data_dir is None and not isinstance(task, Task) and is_spec_path(task):
-            raise ValueError(f"task spec {task}: give its data with --train-file and --eval-file (.jsonl, .json, "
+        spec_file = task.source if isinstance(task, Task) else (task if is_spec_path(task) else None)
+        if data_dir is None and spec_file is not None:
+            raise ValueError(f"task spec {spec_file}: give its data with --train-file and --eval-file (.jsonl, .json, "
                              ".csv, .tsv, .parquet), or --data-dir DIR holding <name>/train.tsv and dev.tsv")
         return load_splits(task, data_dir, protocol, k, seed, opt_sizes=opt_sizes)
     spec = task if isinstance(task, Task) else get_task(task)

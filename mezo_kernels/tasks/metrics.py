@@ -5,15 +5,18 @@ rows and a reduction so that ranks can exchange plain tensors (``distributed.Dat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ObjectiveOutput", "from_scores", "accuracy", "f1", "objective_value", "scalar_objective", "Reduction"]
+from .records import ObjectiveKind
 
-ObjectiveKind = Literal["ce", "neg_accuracy", "neg_f1"]
+__all__ = ["ObjectiveOutput", "ObjectiveKind", "from_scores", "accuracy", "f1", "objective_value",
+           "scalar_objective", "Reduction"]
+
+_OR_CALLABLE = " or a callable"         # what the kind's error adds where a user objective may stand instead
 
 
 @dataclass
@@ -59,22 +62,21 @@ def f1(out: ObjectiveOutput, positive: int = 1, zero_division: float = 1.0) -> f
     return 2 * tp / denom if denom else float(zero_division)
 
 
-def objective_value(out: ObjectiveOutput, kind: ObjectiveKind = "ce") -> float:
-    """A float to minimize: ``"ce"`` the mean cross-entropy, ``"neg_accuracy"`` -accuracy,
-    ``"neg_f1"`` -F1 of class 1."""
-    if kind == "ce":
+def objective_value(out: ObjectiveOutput, kind: ObjectiveKind | str = ObjectiveKind.CE) -> float:
+    """A float to minimize (:class:`ObjectiveKind`): ``"ce"`` the mean cross-entropy, ``"neg_accuracy"``
+    -accuracy, ``"neg_f1"`` -F1 of class 1."""
+    kind = ObjectiveKind.parse(kind, _OR_CALLABLE)
+    if kind == ObjectiveKind.CE:
         return float(out.loss.item())
-    if kind == "neg_accuracy":
+    if kind == ObjectiveKind.NEG_ACCURACY:
         return -accuracy(out)
-    if kind == "neg_f1":
-        return -f1(out)
-    raise ValueError(f"unknown objective {kind!r}; use 'ce', 'neg_accuracy', 'neg_f1' or a callable")
+    return -f1(out)
 
 
 UserObjective = Callable[[nn.Module, Sequence[Any]], Union[float, ObjectiveOutput]]
 
 
-def scalar_objective(objective: UserObjective, kind: ObjectiveKind = "ce"
+def scalar_objective(objective: UserObjective, kind: ObjectiveKind | str = ObjectiveKind.CE
                      ) -> Callable[[nn.Module, Sequence[Any]], float]:
     """``fn(model, batch) -> float`` to minimize in one process.
 
@@ -101,28 +103,27 @@ class Reduction:
     ``objective_value`` of the full-batch output. ``additive``: the value is the mean of row 0, so ranks may
     exchange one partial sum instead of the rows."""
 
-    kind: ObjectiveKind = "ce"
+    kind: ObjectiveKind = ObjectiveKind.CE
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ce", "neg_accuracy", "neg_f1"):
-            raise ValueError(f"unknown objective {self.kind!r}; use 'ce', 'neg_accuracy', 'neg_f1' or a callable")
+        object.__setattr__(self, "kind", ObjectiveKind.parse(self.kind, _OR_CALLABLE))
 
     @property
     def additive(self) -> bool:
-        return self.kind == "ce"
+        return self.kind == ObjectiveKind.CE
 
     def rows(self, out: ObjectiveOutput) -> torch.Tensor:
         if not isinstance(out, ObjectiveOutput):
             raise TypeError("exchanging losses between ranks needs per-example values: the objective must return an "
                             f"ObjectiveOutput, got {type(out).__name__}")
         rows = [out.per_example.float()]
-        if self.kind != "ce":
+        if self.kind != ObjectiveKind.CE:
             rows += [out.preds.float(), out.labels.float()]
         return torch.stack(rows).contiguous()
 
     def value(self, rows: torch.Tensor) -> float:
         per = rows[0]
-        if self.kind == "ce":
+        if self.kind == ObjectiveKind.CE:
             return float(per.mean().item())
         return objective_value(ObjectiveOutput(per.mean(), per, torch.empty(0), rows[1].long(), rows[2].long()),
                                self.kind)

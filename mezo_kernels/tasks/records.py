@@ -23,6 +23,7 @@ tasks, :func:`~mezo_kernels.tasks.registry.get_task`), ``files.py`` and ``data.p
 """
 from __future__ import annotations
 
+import enum
 import string
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -30,11 +31,35 @@ from typing import Any, Mapping
 from . import lmbff
 
 __all__ = ["Task", "Example", "Columns", "TaskFieldError", "CausalPrompt", "canonical_task_name", "SPLIT_FILES",
-           "OBJECTIVES"]
+           "ObjectiveKind"]
 
 _SLOTS = {"text_a", "text_b", "mask"}
 SPLIT_FILES = ("train", "dev")         # the data files of a task folder: <split>.tsv
-OBJECTIVES = ("ce", "neg_accuracy", "neg_f1")   # the reductions metrics.Reduction knows
+
+
+class ObjectiveKind(enum.StrEnum):
+    """The scalars a run can minimize, spelled once: the CLI's ``--objective`` choices, ``TrainConfig`` and task
+    spec validation, and ``metrics.objective_value`` / ``Reduction`` all derive from this enum. A member is its
+    string (``ObjectiveKind.CE == "ce"``)."""
+
+    CE = "ce"                        # the mean cross-entropy
+    NEG_ACCURACY = "neg_accuracy"    # -accuracy
+    NEG_F1 = "neg_f1"                # -F1 of class 1
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The spellings, in declaration order: ``("ce", "neg_accuracy", "neg_f1")``."""
+        return tuple(k.value for k in cls)
+
+    @classmethod
+    def parse(cls, value: object, alternative: str = "") -> "ObjectiveKind":
+        """The member spelled ``value``; ValueError listing the spellings (and ``alternative``, e.g. "or a
+        callable") for anything else."""
+        try:
+            return cls(value)
+        except (ValueError, TypeError):
+            choices = ", ".join(repr(v) for v in cls.values())
+            raise ValueError(f"unknown objective {value!r}; use {choices}{alternative}") from None
 
 
 class TaskFieldError(ValueError):
@@ -113,8 +138,11 @@ class Task:
         columns: ``{split: Columns}`` for the data files ``<split>.tsv`` (``SPLIT_FILES``); empty for a task
             without data files (built in code and fed examples directly).
         label_names: label values a data file may hold instead of the integer (``{"entailment": 0}``).
-        objective: the training objective the task suggests (one of ``OBJECTIVES``), or None (the caller's).
+        objective: the training objective the task suggests (an :class:`ObjectiveKind` spelling), or None (the
+            caller's).
         description: one line for humans.
+        source: the spec file the task was read from (None: built in code or a spec mapping); a task from a
+            file has no folder of its own in a data directory unless one is given.
 
     A bad field raises :class:`TaskFieldError` (a ValueError) naming it.
     """
@@ -128,6 +156,7 @@ class Task:
     label_names: Mapping[str, int] = field(default_factory=dict, compare=False)
     objective: str | None = field(default=None, compare=False)
     description: str = field(default="", compare=False)
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         def bad(fld: str, why: str) -> TaskFieldError:
@@ -163,8 +192,8 @@ class Task:
         for text, lab in self.label_names.items():
             if lab not in self.label_words:
                 raise bad("label_names", f"label_names[{text!r}] = {lab!r} is not a label")
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise bad("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.objective is not None and self.objective not in ObjectiveKind.values():
+            raise bad("objective", f"{self.objective!r} is not one of {', '.join(ObjectiveKind.values())}")
 
     def label_of(self, value: Any) -> int | None:
         """The class (``0..C-1``) of a label value read from a data file, or None when it is not one.

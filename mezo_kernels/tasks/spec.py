@@ -7,7 +7,7 @@ A spec has these fields (only ``template``, ``verbalizer`` and ``columns`` are n
     template: "{text_a} It was {mask} ."  # masked LMs; one {mask} slot
     causal_template: "{text_a} It was {mask}"   # optional; causal LMs score the words after the cut at {mask}
     verbalizer: {negative: terrible, positive: great}   # label value in the data -> word
-    objective: ce                         # optional: ce | neg_accuracy | neg_f1 (the default of --objective)
+    objective: ce                         # optional: an ObjectiveKind (the default of --objective)
     description: one line for humans      # optional
 
 ``verbalizer`` keys are the label values of the data files, integers or strings. When they are exactly the
@@ -79,12 +79,12 @@ def load_task_spec(path: str | os.PathLike) -> Task:
     if "columns" not in spec:
         raise TaskFieldError(where, "columns", "missing: the data files' column names, e.g. "
                                                "{text_a: sentence, label: label} (text_b for a second text)")
-    return task_from_dict({"name": p.stem, **spec}, where)
+    return task_from_dict({"name": p.stem, **spec}, where, source=where)
 
 
-def task_from_dict(spec: Mapping[str, Any], where: str | None = None) -> Task:
+def task_from_dict(spec: Mapping[str, Any], where: str | None = None, *, source: str | None = None) -> Task:
     """The :class:`Task` a spec mapping describes (see the module docstring). ``where`` names the spec in
-    errors (default ``task spec '<name>'``)."""
+    errors (default ``task spec '<name>'``); ``source``: the file it was read from (``Task.source``)."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where or 'task spec'}: a task spec must be a mapping, got {type(spec).__name__}")
     name = spec.get("name")
@@ -108,6 +108,7 @@ def task_from_dict(spec: Mapping[str, Any], where: str | None = None) -> Task:
                                                                    and spec[fld] is None):
             raise bad(fld, f"expected a string, got {type(spec[fld]).__name__}")
     kw = {k: v for k, v in spec.items() if k != "verbalizer"}
+    kw["source"] = source
     if "verbalizer" in spec:
         kw["label_words"], kw["label_names"] = _verbalizer(bad, spec["verbalizer"])
     else:

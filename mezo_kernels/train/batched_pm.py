@@ -77,7 +77,7 @@ def _engine(objective: Any) -> ForwardEngine | None:
     return engine
 
 
-def _group_values(out, groups: int, kind: ObjectiveKind) -> list[float]:
+def _group_values(out, groups: int, kind: ObjectiveKind | str) -> list[float]:
     """The objective's value of each group's slice of a stacked output (logits [G*B, C], labels [G*B])."""
     B = out.labels.shape[0] // groups
     return [objective_value(from_scores(out.logits[g * B:(g + 1) * B], out.labels[g * B:(g + 1) * B]), kind)
@@ -86,7 +86,7 @@ def _group_values(out, groups: int, kind: ObjectiveKind) -> list[float]:
 
 def batched_pm_losses(model: nn.Module, objective: Any, batch: Sequence[Any], seeds: Sequence[int], eps: float,
                       param_sets: ParamSet | Sequence[ParamSet], max_rows: int | None = None,
-                      kind: ObjectiveKind = "ce") -> list[tuple[float, float]]:
+                      kind: ObjectiveKind | str = ObjectiveKind.CE) -> list[tuple[float, float]]:
     """``[(L+_j, L-_j)]`` for each seed j: the objective's value (``kind``, default the mean CE) of ``batch`` with
     every adapter tensor of ``param_sets`` at ``theta + eps*z(seed_j)`` and at ``theta - eps*z(seed_j)``.
 
@@ -123,7 +123,7 @@ def pm_grads(pairs: Sequence[tuple[float, float]], eps: float) -> list[tuple[flo
 
 
 def pm_fn_factory(model: nn.Module, objective: Any, param_sets: ParamSet | Sequence[ParamSet],
-                  max_rows: int | None = None, kind: ObjectiveKind = "ce"
+                  max_rows: int | None = None, kind: ObjectiveKind | str = ObjectiveKind.CE
                   ) -> Callable[[Sequence[Any]], Callable[[Sequence[int], float], list[tuple[float, float]]]]:
     """``batch -> pm_fn`` for a training loop: the LoRA layers are looked up once, here, not once per step."""
     grouped = GroupedLoRA(model, param_sets)
@@ -131,7 +131,7 @@ def pm_fn_factory(model: nn.Module, objective: Any, param_sets: ParamSet | Seque
 
 
 def make_pm_fn(model: nn.Module, objective: Any, batch: Sequence[Any], param_sets: ParamSet | Sequence[ParamSet],
-               max_rows: int | None = None, kind: ObjectiveKind = "ce"
+               max_rows: int | None = None, kind: ObjectiveKind | str = ObjectiveKind.CE
                ) -> Callable[[Sequence[int], float], list[tuple[float, float]]]:
     """``pm_fn(seeds, eps) -> [(L+, L-)]`` for one batch: what an optimizer's batched step calls with the step's
     seeds and its eps (``MeZO.step_batched(pm_fn)``)."""

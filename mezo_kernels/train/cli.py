@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..tasks.records import ObjectiveKind
 from ..tasks.registry import task_names
-from .loop import TrainConfig
+from .config import TrainConfig
 
 _DEMO = TrainConfig()   # the defaults are the demo's settings
 # the modules each command imports (checked before any work, so a missing extra is one line, not a traceback)
@@ -70,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--n-directions", type=int, default=_DEMO.n_directions)
     t.add_argument("--weight-decay", type=float, default=_DEMO.weight_decay)
     t.add_argument("--schedule", default=_DEMO.schedule, choices=["constant", "linear"])
-    t.add_argument("--objective", default=_DEMO.objective, choices=["ce", "neg_accuracy", "neg_f1"])
+    t.add_argument("--objective", default=_DEMO.objective, choices=ObjectiveKind.values(),
+                   help="the scalar to minimize (default: the task spec's objective, else %(default)s)")
     t.add_argument("--full-param", action="store_true", help="train every weight instead of LoRA")
     t.add_argument("--lora-r", type=int, default=_DEMO.lora_r)
     t.add_argument("--lora-alpha", type=int, default=_DEMO.lora_alpha)
@@ -119,10 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(a) -> int:
     from .loop import train
     from .config_files import config_from_cli
-    explicit = _explicit_flags(a)
-    cfg = config_from_cli(vars(a), explicit)
-    _objective_from_task(a, cfg, explicit)
-    s = train(cfg, progress=not a.no_progress, ddp=None if a.ddp == "auto" else False)
+    cfg, task = config_from_cli(vars(a), _explicit_flags(a))     # the one config and the one task of the run
+    s = train(cfg, progress=not a.no_progress, ddp=None if a.ddp == "auto" else False, task=task)
     if "distributed" in s and os.environ.get("RANK", "0") != "0":
         return 0                                  # rank 0 speaks for the data-parallel run
     print(json.dumps({"before": s.get("before"), "after": s["after"], "steps": s["steps"],
@@ -134,14 +134,16 @@ def _train(a) -> int:
 
 def _eval(a) -> int:
     from ..tasks import data
+    from ..tasks.registry import get_task
     from .loop import build, evaluate
     cfg = TrainConfig(task=a.task, model=a.model, seed=a.seed, max_length=a.max_length, chat=a.chat,
                       lora=False, dtype=a.dtype, prefix_reuse=not a.no_prefix_reuse)
-    splits = data.load_task_splits(a.task, a.data_dir, a.protocol, a.k, a.seed, train_file=a.train_file,
+    task = get_task(a.task)                                      # resolved once, handed to both readers
+    splits = data.load_task_splits(task, a.data_dir, a.protocol, a.k, a.seed, train_file=a.train_file,
                                    eval_file=a.eval_file, test_file=a.test_file)
     if not getattr(splits, a.split):
         raise ValueError(f"split {a.split!r} is empty: train and dev are sampled from --train-file")
-    model, _, _, obj, _ = build(cfg, adapter=a.adapter)
+    model, _, _, obj, _ = build(cfg, adapter=a.adapter, task=task)
     ex = data.subsample(getattr(splits, a.split), a.eval_max, a.seed)
     res = evaluate(model, obj, ex, a.batch_size)
     engine = getattr(obj, "engine", None)
@@ -168,20 +170,6 @@ def _replay(a) -> int:
     model.save_pretrained(str(out))
     print(json.dumps({"replayed_steps": opt.step_count, "saved": str(out)}))
     return 0
-
-
-def _objective_from_task(a, cfg: TrainConfig, explicit: set[str]) -> None:
-    """A task spec's ``objective`` where neither a flag nor the --config file chose one."""
-    if "objective" in explicit:
-        return
-    if a.config:
-        from .config_files import load_config_file
-        if "objective" in load_config_file(a.config)[0]:
-            return
-    from ..tasks.registry import get_task
-    task = get_task(cfg.task)
-    if task.objective is not None:
-        cfg.objective = task.objective
 
 
 def _explicit_flags(a) -> set[str]:

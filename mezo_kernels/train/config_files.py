@@ -1,12 +1,12 @@
 """Run configs on disk (``configs/*.yaml``) and the ``mezo-kernels train`` flags, both turned into a
-``TrainConfig``.
+``TrainConfig``, built (and so validated) once, with the task record it names.
 
 A config file is a YAML (or JSON) mapping of ``TrainConfig`` fields (``lr: 1.0e-6``, ``lora: false``, ...) plus an
 optional ``meta`` mapping that the trainer ignores: where the settings come from, which of the paper and its
 reference code the file follows where they differ, and ``smoke_model``, the tiny architecture the test suite runs
 the file on. Fields the file leaves out keep ``TrainConfig``'s defaults (the README demo's), so a file states
 every setting that differs from the demo, ``max_minutes: null`` included. Flags given on the command line win over
-the file.
+the file; a task spec's ``objective`` fills in where neither chose one.
 
 A file asking for something the trainer cannot do yet (``prefix_tuning``) is refused with a ValueError saying so.
 """
@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .loop import TrainConfig
+from ..tasks.records import Task
+from ..tasks.registry import get_task
+from .config import TrainConfig
 
 __all__ = ["load_config_file", "config_from_cli", "CLI_ONLY"]
 
@@ -106,15 +108,19 @@ def _from_flags(args: Mapping[str, Any]) -> dict:
     return out
 
 
-def config_from_cli(args: Mapping[str, Any], explicit: set[str]) -> TrainConfig:
-    """The ``TrainConfig`` of a ``train`` command: ``args`` (every flag with its default filled in) alone, or,
-    with ``--config FILE``, the file's fields with the ``explicit`` flags (those typed on the command line) on
-    top."""
+def config_from_cli(args: Mapping[str, Any], explicit: set[str]) -> tuple[TrainConfig, Task]:
+    """The ``TrainConfig`` of a ``train`` command and the task record it names, each made once: ``args`` (every
+    flag with its default filled in) alone, or, with ``--config FILE``, the file's fields with the ``explicit``
+    flags (those typed on the command line) on top. The task's ``objective`` (a task spec's) is the run's where
+    neither a flag nor the file chose one. The task is resolved (a spec file read) here, and only here."""
     cfg_file = args.get("config")
-    if not cfg_file:
-        return TrainConfig(**_from_flags(args))
-    fields, _ = load_config_file(cfg_file)
-    fields.update(_from_flags({k: v for k, v in args.items() if k in explicit}))
-    cfg = TrainConfig(**fields)
-    cfg.check()
-    return cfg
+    if cfg_file:
+        fields, _ = load_config_file(cfg_file)
+        chose_objective = "objective" in fields or "objective" in explicit
+        fields.update(_from_flags({k: v for k, v in args.items() if k in explicit}))
+    else:
+        fields, chose_objective = _from_flags(args), "objective" in explicit
+    task = get_task(fields.get("task", TrainConfig.task))
+    if not chose_objective and task.objective is not None:
+        fields["objective"] = task.objective
+    return TrainConfig(**fields), task

@@ -19,11 +19,8 @@ the whole evaluation split (identical weights give identical metrics).
 """
 from __future__ import annotations
 
-import json
-import math
 import random
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,94 +30,22 @@ from ..tasks import data
 from .. import models
 from ..tasks import objectives
 from ..tasks import registry as tasks
-from ..tasks.records import Example
+from ..tasks.records import Example, Task
 from ..forward import ForwardEngine
 from ..optim import MeZO
+from .config import TrainConfig
 from .run import Run
 from .selection import BestWeights
 
-__all__ = ["TrainConfig", "build", "evaluate", "batch_for", "train", "save_weights", "load_adapter"]
+__all__ = ["build", "evaluate", "batch_for", "train", "save_weights", "load_adapter"]
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run (saved as ``config.json``); the defaults are the README demo's."""
-
-    task: str = "sst2"
-    model: str = "smollm2-135m"
-    data_dir: str | None = None
-    train_file: str | None = None       # data files of any format (data.load_task_splits); else data_dir
-    eval_file: str | None = None
-    test_file: str | None = None
-    output_dir: str = "runs/demo"
-    protocol: str = "kshot"
-    k: int = 16
-    steps: int = 450
-    seed: int = 0
-    lr: float = 2e-3                    # chosen on the k-shot dev split (bench/RESULTS.md, quality-smollm2)
-    eps: float = 1e-2
-    batch_size: int = 16
-    n_directions: int = 1
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    objective: str = "ce"               # ce | neg_accuracy | neg_f1
-    lora: bool = True                   # False: full-parameter MeZO
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] | None = None
-    lora_first_layer: int = 0           # LoRA on layers >= this one; the frozen layers below run once per step
-    max_length: int = 64
-    chat: bool = False
-    prefix_reuse: bool = True           # forward engine reuse (prefix KV, frozen layers, eval cache); exact
-    eval_every: int = 100
-    eval_split: str = "dev"             # periodic evaluation split
-    final_split: str = "test"           # before/after evaluation split (kshot: the original GLUE dev set)
-    eval_max: int = 0                   # cap on evaluated examples per evaluation (0: all)
-    eval_batch_size: int = 32
-    select_on: str | None = None        # "dev": report the weights of the best dev evaluation (selection.py)
-    # the demo's budget: what is not training (start-up, model load, the two 872-example evaluations, saving) took
-    # 2.3 min of the demo's 13.8 min on the 2-core box it was timed on, so about 4 min on a 2-core box 1.7x
-    # slower; 10 min of training (plus at most one step past the budget) ends such a box's run at about 14 min
-    max_minutes: float | None = 10.0
-    backend: str = "auto"
-    perturb: str | None = None          # "virtual" | "inplace"; None: MeZO's default for the trainable dtype
-    distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
-    batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
-    dtype: str = "float32"
-    resume: bool = False
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
-        """The config a run saved (``config.json``); keys this version does not know are ignored."""
-        saved = json.loads(Path(path).read_text())
-        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
-
-    def check(self) -> None:
-        """ValueError for settings that cannot run together (called before anything is loaded)."""
-        if self.select_on not in (None, "dev"):
-            raise ValueError(f"select_on must be None or 'dev', got {self.select_on!r}")
-        if self.select_on == "dev":
-            if self.eval_split != "dev":
-                raise ValueError(f"select_on='dev' selects on the periodic evaluations: eval_split must be 'dev', "
-                                 f"got {self.eval_split!r}")
-            if self.final_split == "dev":
-                raise ValueError("select_on='dev' with final_split='dev' would report on the selection split; "
-                                 "report on 'test'")
-        if self.batched_pm and (not self.lora or self.perturb == "inplace"):
-            raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
-                             "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
-        m = self.max_minutes
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
-                              or m <= 0):
-            raise ValueError(f"max_minutes must be a number > 0 or None (no budget), got {m!r}")
-
-
-def build(cfg: TrainConfig, adapter: str | Path | None = None):
+def build(cfg: TrainConfig, adapter: str | Path | None = None, *, task: Task | None = None):
     """(model, tokenizer, task, objective, trainable params) with the seeded initial weights of ``cfg``, and the
     peft ``adapter`` folder on top when given. Causal objectives get a forward engine (``cfg.prefix_reuse``: every
-    exact reuse; else the plain forward, which still reports its stats)."""
-    task = tasks.get_task(cfg.task)
+    exact reuse; else the plain forward, which still reports its stats). ``task``: the record of ``cfg.task`` when
+    the caller has resolved it already (else it is resolved here)."""
+    task = tasks.get_task(cfg.task) if task is None else task
     model, tok, kind = models.load_model(cfg.model, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
     if cfg.lora:
         torch.manual_seed(cfg.seed)            # peft draws LoRA A from the global generator
@@ -157,26 +82,27 @@ def batch_for(train: Sequence[Example], step: int, seed: int, size: int) -> list
 
 
 def train(cfg: TrainConfig, progress: bool = True, ddp: bool | None = None,
-          clock: Callable[[], float] = time.monotonic) -> dict:
+          clock: Callable[[], float] = time.monotonic, task: Task | None = None) -> dict:
     """Run MeZO fine-tuning as configured; returns the summary (also written to ``summary.json``).
 
     ``ddp``: None (default) turns data parallelism on when launched by torchrun with WORLD_SIZE > 1; False
-    ignores the torchrun environment (every process trains alone). ``clock``: seconds, for ``max_minutes``."""
-    cfg.check()
+    ignores the torchrun environment (every process trains alone). ``clock``: seconds, for ``max_minutes``.
+    ``task``: the record of ``cfg.task`` when the caller has resolved it already (the CLI has); else it is
+    resolved here, once, and handed down."""
+    task = tasks.get_task(cfg.task) if task is None else task
     with Run.start(cfg, progress, ddp) as run:
-        return _train(cfg, run, clock)
+        return _train(cfg, run, task, clock)
 
 
-def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monotonic) -> dict:
-    cfg.check()
-    splits = data.load_task_splits(cfg.task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed, train_file=cfg.train_file,
+def _train(cfg: TrainConfig, run: Run, task: Task, clock: Callable[[], float] = time.monotonic) -> dict:
+    splits = data.load_task_splits(task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed, train_file=cfg.train_file,
                                    eval_file=cfg.eval_file, test_file=cfg.test_file)
-    model, _, _, obj, params = build(cfg)
+    model, _, _, obj, params = build(cfg, task=task)
     loss_fn = run.loss_fn(obj, cfg.objective, params)
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend,
                n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps,
                perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution)
-    step_on = _stepper(cfg, run, opt, model, obj, loss_fn)
+    step_on = _stepper(cfg, opt, model, obj, loss_fn)
     best = BestWeights(params) if cfg.select_on else None
     resumed = run.begin(opt, best)
     final_eval = data.subsample(getattr(splits, cfg.final_split), cfg.eval_max, cfg.seed)
@@ -220,12 +146,11 @@ def _train(cfg: TrainConfig, run: Run, clock: Callable[[], float] = time.monoton
     return run.finish(summary, lambda out: save_weights(model, out, cfg.lora))
 
 
-def _stepper(cfg: TrainConfig, run: Run, opt: MeZO, model, obj, loss_fn) -> Callable[[list], object]:
-    """``batch -> StepResult``: the sequential step, or with ``batched_pm`` every +/- pass in one forward."""
+def _stepper(cfg: TrainConfig, opt: MeZO, model, obj, loss_fn) -> Callable[[list], object]:
+    """``batch -> StepResult``: the sequential step, or with ``batched_pm`` every +/- pass in one forward (a
+    single-process run: ``TrainConfig.check_world_size`` refused more processes before anything loaded)."""
     if not cfg.batched_pm:
         return lambda batch: opt.step(lambda: loss_fn(model, batch))
-    if run.multi:
-        raise ValueError("batched_pm is single-process: data-parallel runs exchange per-rank losses per pass")
     from .batched_pm import pm_fn_factory
     pm_for = pm_fn_factory(model, obj, opt.param_sets, kind=cfg.objective)
     return lambda batch: opt.step_batched(pm_for(batch))

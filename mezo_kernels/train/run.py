@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import data_parallel as distributed
+from .config import TrainConfig
 from ..tasks import objectives
 from ..optim.seedlog import SeedLogWriter, read_log
 
@@ -28,10 +29,11 @@ _FREE_ON_RESUME = ("resume", "eval_every", "prefix_reuse", "max_minutes")
 
 
 class Run:
-    """One training run as seen by one rank. ``cfg`` is a ``trainer.TrainConfig``; ``info`` the rank's place in
-    the process group (world size 1: a single process); ``progress``: show a progress bar (rank 0 only)."""
+    """One training run as seen by one rank. ``cfg``: the run's (validated, read-only) config; ``info`` the rank's
+    place in the process group (world size 1: a single process); ``progress``: show a progress bar (rank 0
+    only)."""
 
-    def __init__(self, cfg: Any, info: distributed.DistInfo, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, progress: bool = True) -> None:
         self.cfg, self.info, self.config = cfg, info, dataclasses.asdict(cfg)
         self.out = Path(cfg.output_dir)
         self.multi, self.main = info.world_size > 1, info.rank == 0
@@ -48,11 +50,13 @@ class Run:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, cfg: Any, progress: bool = True, ddp: bool | None = None) -> Iterator["Run"]:
+    def start(cls, cfg: TrainConfig, progress: bool = True, ddp: bool | None = None) -> Iterator["Run"]:
         """The run of this process: joins torchrun's process group when launched with WORLD_SIZE > 1 (``ddp``
-        None) and leaves it at the end if it joined it; ``ddp=False`` ignores the torchrun environment."""
+        None) and leaves it at the end if it joined it; ``ddp=False`` ignores the torchrun environment. Settings
+        that cannot run on that many processes are refused here, before joining or loading anything."""
         owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         use_ddp = distributed.env_world_size() > 1 if ddp is None else ddp
+        cfg.check_world_size(distributed.env_world_size() if use_ddp else 1)
         info = distributed.init_from_env() if use_ddp else distributed.DistInfo(0, 1, 0, None)
         try:
             yield cls(cfg, info, progress)
@@ -237,7 +241,7 @@ class Run:
     def _split_name(self) -> str:
         """Under the k-shot protocol the test split is the task's original GLUE dev set: say so."""
         glue = self.cfg.protocol == "kshot" and self.cfg.final_split == "test" and not (
-            getattr(self.cfg, "eval_file", None) or getattr(self.cfg, "test_file", None))   # data files: their own
+            self.cfg.eval_file or self.cfg.test_file)                                     # data files: their own
         return f"{self.cfg.task} {self.cfg.final_split}" + (" (= GLUE dev set)" if glue else "")
 
 

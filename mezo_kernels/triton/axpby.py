@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import _compat
 from .. import rng
-from .philox import interleave4, randn4x_counters, randn8_counters, randn_at, seed_words, stream_bits
+from .philox import interleave4, randn4x_counters, randn8_counters, randn_at, signed_words, stream_bits
 from .rounding import round_nearest, sround
 
 __all__ = ["CHUNK", "NUM_WARPS", "launch", "available"]
@@ -40,6 +40,9 @@ __all__ = ["CHUNK", "NUM_WARPS", "launch", "available"]
 CHUNK = 4096
 NUM_WARPS = 8
 _MIN_VERSION = (3, 4)
+_MASK32 = 0xFFFFFFFF
+_MODES = frozenset(map(int, rng.KernelMode))
+_DISTS = frozenset(map(int, rng.Distribution))
 
 _AXPBY = tl.constexpr(int(rng.KernelMode.AXPBY))
 _MASTER_UPDATE = tl.constexpr(int(rng.KernelMode.MASTER_UPDATE))
@@ -270,16 +273,17 @@ def launch(meta: torch.Tensor, chunks: torch.Tensor, num_tensors: int, num_chunk
     """Run ``mode`` on every chunk of a group plan in one launch (in place; asynchronous on CUDA).
 
     meta: int64 [4, num_tensors], chunks: int64 [num_chunks, 2] built for chunk size ``CHUNK``, both C-contiguous on
-    the tensors' device. dtype: float32/float16/bfloat16 (the tensors' dtype). seed: uint64 or negative int64.
-    aligned: True only if every base is a multiple of 4 (compiles the counter path alone); False is correct for any
-    base, and still takes the counter path for each tensor whose base is a multiple of 4.
-    dist: a ``rng.Distribution`` code (0 gaussian, 1 rademacher signs)."""
+    the tensors' device. dtype: float32/float16/bfloat16 (the tensors' dtype). seed: an int in [0, 2**64), as the
+    public API checked it (``rng.check_seed``), not validated again. aligned: True only if every base is a multiple
+    of 4 (compiles the counter path alone); False is correct for any base, and still takes the counter path for
+    each tensor whose base is a multiple of 4. dist: a ``rng.Distribution`` code (0 gaussian, 1 rademacher signs)."""
+    assert isinstance(seed, int) and 0 <= seed < 1 << 64, f"seed {seed!r} was not checked by the caller"
     if dtype not in rng.DTYPE_CODES:
         raise TypeError(f"unsupported dtype {dtype}; expected one of {', '.join(map(str, rng.DTYPE_CODES))}")
-    if isinstance(mode, bool) or mode not in set(rng.KernelMode):
+    if isinstance(mode, bool) or mode not in _MODES:
         codes = ", ".join(f"{m.name}={int(m)}" for m in rng.KernelMode)
         raise ValueError(f"mode must be a kernel mode code ({codes}), got {mode!r}")
-    if isinstance(dist, bool) or dist not in set(rng.Distribution):
+    if isinstance(dist, bool) or dist not in _DISTS:
         codes = ", ".join(f"{d.name}={int(d)}" for d in rng.Distribution)
         raise ValueError(f"dist must be a distribution code ({codes}), got {dist!r}")
     if meta.dtype != torch.int64 or tuple(meta.shape) != (4, num_tensors) or not meta.is_contiguous():
@@ -295,8 +299,9 @@ def launch(meta: torch.Tensor, chunks: torch.Tensor, num_tensors: int, num_chunk
         raise RuntimeError(f"triton backend unavailable for {meta.device}: {why}")
     if num_chunks == 0:
         return
-    lo, hi = seed_words(seed)
-    sr_lo, sr_hi = seed_words(rng.sr_seed(seed))
+    lo, hi = signed_words(seed & _MASK32, seed >> 32)
+    sr = rng.sr_seed(seed) if mode == rng.KernelMode.AXPBY_SR else 0     # the SR stream's key: AXPBY_SR only
+    sr_lo, sr_hi = signed_words(sr & _MASK32, sr >> 32)
     kernel = _axpby_kernel[(num_chunks,)]
     args = (meta, chunks, num_tensors, lo, hi, sr_lo, sr_hi, float(alpha), float(beta), float(gamma))
     consts = dict(MODE=int(mode), DTYPE=int(rng.DTYPE_CODES[dtype]), DIST=int(dist), ALIGNED=bool(aligned),

@@ -1,4 +1,4 @@
-"""Triton device functions for the perturbation stream of ``shared/docs/rng_spec.md``.
+"""Triton device functions for the perturbation stream of ``docs/rng_spec.md``.
 
 Our own Philox4x32-10, uniform and randn4x, written with uint64 products and uint32 arithmetic. We do not call
 ``tl.randn``/``tl.randn4x``: their int64-offset generator changed before 3.4 and their internals are not an API.
@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .. import rng
 
-__all__ = ["philox4x32_10", "uniform", "randn4x_counters", "randn_at", "stream_bits", "seed_words", "philox_words",
-           "randn4x", "bits"]
+__all__ = ["philox4x32_10", "uniform", "randn4x_counters", "randn_at", "stream_bits", "seed_words", "signed_words",
+           "philox_words", "randn4x", "bits"]
 
 _PHILOX_M0 = tl.constexpr(rng.PHILOX_M0)
 _PHILOX_M1 = tl.constexpr(rng.PHILOX_M1)
@@ -191,11 +191,16 @@ def _bits_kernel(out_ptr, seed_lo, seed_hi, g_start, n, GROUP: tl.constexpr, BIT
 
 
 def seed_words(seed: int) -> tuple[int, int]:
-    """uint64 (or negative int64) seed -> (lo, hi) as *signed* int32 Python ints.
+    """uint64 (or negative int64) seed -> (lo, hi) as *signed* int32 Python ints (checked: ``rng.split_seed``).
 
     Triton types an int argument by its value (int32 / uint32 / int64); always passing signed int32 keeps one
     signature for every seed, so with do_not_specialize a new seed never recompiles."""
-    lo, hi = rng.split_seed(seed)
+    return signed_words(*rng.split_seed(seed))
+
+
+def signed_words(lo: int, hi: int) -> tuple[int, int]:
+    """Two uint32 halves of a seed (``rng.split_seed``'s) as signed int32: no checks, for the launcher, whose seed
+    the public API checked."""
     return lo - (1 << 32) * (lo >> 31), hi - (1 << 32) * (hi >> 31)
 
 

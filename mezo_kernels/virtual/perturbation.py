@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import _compat
+from .. import _compat, rng
 from . import state as weight_state
 from ..perturb import ParamSet
 from .slices import perturbed_rows, sliced_forward
@@ -126,16 +126,16 @@ class VirtualPerturbation:
         """Every owner module's forward inside the block reads ``round(theta + offset*z(seed))``."""
         if self._active is not None:
             raise RuntimeError(f"already perturbed by seed {self._active[0]}: virtual perturbations do not nest")
+        seed, offset = rng.check_seed(seed), float(offset)
         entries = {}
         for ps in self.param_sets:
             for t, base in zip(ps.tensors, ps.bases):
                 if t.numel():
-                    entries[t.data_ptr()] = weight_state.Perturbation(int(seed), float(offset), ps.distribution,
-                                                                      int(base))
+                    entries[t.data_ptr()] = weight_state.Perturbation(seed, offset, ps.distribution, int(base))
         handles, installed = [], []
         self._reached.clear()
         with weight_state.activated(entries):
-            self._active = (int(seed), float(offset))
+            self._active = (seed, offset)
             try:
                 for module, _ in self._hooked:
                     handles.append(module.register_forward_pre_hook(self._pre))

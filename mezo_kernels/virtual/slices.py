@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels as _bk
 from .. import rng
 from ..perturb import ParamSet
 from ..perturb.plan import _Group
@@ -25,20 +24,13 @@ from ..rng import KernelMode
 __all__ = ["perturbed_rows", "sliced_forward"]
 
 
-def _out_backend(ps: ParamSet):
-    """The set's backend when it serves mode OUT with the set's distribution, else ``auto``'s choice."""
-    dist = rng.distribution_code(ps.distribution)
-    try:
-        return _bk.resolve(ps.backend, ps.device, (KernelMode.OUT,), dist)
-    except ValueError:
-        return _bk.resolve("auto", ps.device, (KernelMode.OUT,), dist)
-
-
 def perturbed_rows(ps: ParamSet, seed: int, offset: float, index: int, rows: torch.Tensor | range,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``rows`` (a range, or a 1-d int tensor of row indices) of tensor ``index`` of ``ps`` (2-d, contiguous)
     as ``round(theta + offset*z(seed))`` in ``out`` (contiguous [len(rows), C] of theta's dtype; None: a new one),
-    which is returned. theta is not written."""
+    which is returned. theta is not written. The backend is the set's for mode OUT (``ps.backend_for``, the one
+    decision of ``kernels.choose``, as for ``ps.perturbed_copy``)."""
+    seed = rng.check_seed(seed)
     theta = ps.tensors[index].detach()
     if theta.dim() != 2 or not theta.is_contiguous():
         raise ValueError(f"{ps.names[index]}: row slices need a contiguous 2-d tensor, got shape "
@@ -49,16 +41,14 @@ def perturbed_rows(ps: ParamSet, seed: int, offset: float, index: int, rows: tor
         out = torch.empty(n, cols, dtype=theta.dtype, device=theta.device) if out is None else out
         if n:
             g = _Group([out.view(-1)], [base + r0 * cols], None, sources=[theta[r0:r0 + n].reshape(-1)])
-            _out_backend(ps).launch(g, int(seed), 1.0, float(offset), 0.0, KernelMode.OUT,
-                                    rng.distribution_code(ps.distribution))
+            ps.backend_for(KernelMode.OUT).launch(g, seed, 1.0, float(offset), 0.0, KernelMode.OUT, ps.dist)
         return out
     idx = [int(r) for r in rows.tolist()]
     out = torch.empty(len(idx), cols, dtype=theta.dtype, device=theta.device) if out is None else out
     if idx:
         g = _Group([out[i] for i in range(len(idx))], [base + r * cols for r in idx], None,
                    sources=[theta[r] for r in idx])
-        _out_backend(ps).launch(g, int(seed), 1.0, float(offset), 0.0, KernelMode.OUT,
-                                rng.distribution_code(ps.distribution))
+        ps.backend_for(KernelMode.OUT).launch(g, seed, 1.0, float(offset), 0.0, KernelMode.OUT, ps.dist)
     return out
 
 

@@ -1,0 +1,106 @@
+"""The run config: every setting of a training run, validated once, when it is built, and read-only afterwards.
+
+``TrainConfig`` is a frozen dataclass: its ``__post_init__`` refuses settings that cannot run together (a
+ValueError naming them), so a config that exists is a config that can run, and nothing downstream checks it
+again. Code that needs other settings builds a new config (``dataclasses.replace(cfg, steps=10)``), which is
+validated in turn. The one setting that depends on how the run is launched, the number of processes, is checked
+by :meth:`TrainConfig.check_world_size` where the launch is decided (``run.Run.start``), before anything loads.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..tasks.records import ObjectiveKind
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (saved as ``config.json``); the defaults are the README demo's.
+    Validated when built (ValueError naming the setting); frozen afterwards."""
+
+    task: str = "sst2"
+    model: str = "smollm2-135m"
+    data_dir: str | None = None
+    train_file: str | None = None       # data files of any format (data.load_task_splits); else data_dir
+    eval_file: str | None = None
+    test_file: str | None = None
+    output_dir: str = "runs/demo"
+    protocol: str = "kshot"
+    k: int = 16
+    steps: int = 450
+    seed: int = 0
+    lr: float = 2e-3                    # chosen on the k-shot dev split (bench/RESULTS.md, quality-smollm2)
+    eps: float = 1e-2
+    batch_size: int = 16
+    n_directions: int = 1
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    objective: str = ObjectiveKind.CE.value   # an ObjectiveKind spelling
+    lora: bool = True                   # False: full-parameter MeZO
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | None = None
+    lora_first_layer: int = 0           # LoRA on layers >= this one; the frozen layers below run once per step
+    max_length: int = 64
+    chat: bool = False
+    prefix_reuse: bool = True           # forward engine reuse (prefix KV, frozen layers, eval cache); exact
+    eval_every: int = 100
+    eval_split: str = "dev"             # periodic evaluation split
+    final_split: str = "test"           # before/after evaluation split (kshot: the original GLUE dev set)
+    eval_max: int = 0                   # cap on evaluated examples per evaluation (0: all)
+    eval_batch_size: int = 32
+    select_on: str | None = None        # "dev": report the weights of the best dev evaluation (selection.py)
+    # the demo's budget: what is not training (start-up, model load, the two 872-example evaluations, saving) took
+    # 2.3 min of the demo's 13.8 min on the 2-core box it was timed on, so about 4 min on a 2-core box 1.7x
+    # slower; 10 min of training (plus at most one step past the budget) ends such a box's run at about 14 min
+    max_minutes: float | None = 10.0
+    backend: str = "auto"
+    perturb: str | None = None          # "virtual" | "inplace"; None: MeZO's default for the trainable dtype
+    distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
+    batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
+    dtype: str = "float32"
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        """The config a run saved (``config.json``); keys this version does not know are ignored."""
+        saved = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
+
+    def _validate(self) -> None:
+        """ValueError for settings that cannot run together (runs once, when the config is built)."""
+        if self.objective not in ObjectiveKind.values():
+            raise ValueError(f"objective must be one of {', '.join(ObjectiveKind.values())}, got {self.objective!r}")
+        if self.select_on not in (None, "dev"):
+            raise ValueError(f"select_on must be None or 'dev', got {self.select_on!r}")
+        if self.select_on == "dev":
+            if self.eval_split != "dev":
+                raise ValueError(f"select_on='dev' selects on the periodic evaluations: eval_split must be 'dev', "
+                                 f"got {self.eval_split!r}")
+            if self.final_split == "dev":
+                raise ValueError("select_on='dev' with final_split='dev' would report on the selection split; "
+                                 "report on 'test'")
+        if self.batched_pm and (not self.lora or self.perturb == "inplace"):
+            raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
+                             "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
+        m = self.max_minutes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                              or m <= 0):
+            raise ValueError(f"max_minutes must be a number > 0 or None (no budget), got {m!r}")
+
+    def check_world_size(self, world_size: int) -> None:
+        """ValueError when these settings cannot run on ``world_size`` processes (called where the launch is
+        decided, before anything is loaded)."""
+        if self.batched_pm and world_size > 1:
+            raise ValueError(f"batched_pm is single-process, and this run has {world_size} processes (WORLD_SIZE): "
+                             "data-parallel runs exchange per-rank losses per pass; drop --batched-pm or run one "
+                             "process")
