@@ -113,6 +113,28 @@ inline void check_tables(const int64_t* meta, int64_t T, const int64_t* chunks, 
   }
 }
 
+// The fused low-rank update of one block (rows [row0, row0 + m), columns [col0, col0 + n)) of an (M, N) tensor.
+inline void check_lowrank(uintptr_t w_ptr, int64_t m, int64_t n, int64_t row0, int64_t col0, int64_t M, int64_t N,
+                          int64_t r, int64_t base, int dtype) {
+  if (dtype < 0 || dtype >= kNumDTypes)
+    throw py::value_error("dtype code must be one of " + code_list(kDTypeNames, kNumDTypes) + ", got " + str(dtype));
+  if (w_ptr == 0) throw py::value_error("w_ptr is null");
+  if (r < 1) throw py::value_error("lowrank_r must be >= 1, got " + str(r));
+  constexpr int64_t kMax = int64_t{1} << 40;
+  if (M < 1 || N < 1 || M > kMax || N > kMax)
+    throw py::value_error("the full shape (M, N) must be in [1, 2**40], got (" + str(M) + ", " + str(N) + ")");
+  if (m < 1 || n < 1 || row0 < 0 || col0 < 0 || row0 > M - m || col0 > N - n)
+    throw py::value_error("the block (" + str(m) + ", " + str(n) + ") at (" + str(row0) + ", " + str(col0) +
+                          ") is not inside the tensor (" + str(M) + ", " + str(N) + ")");
+  if (M > (int64_t{1} << 62) / N) throw py::value_error("M * N too large");
+  // the spec's rule: the factors live inside the tensor's own index range (docs/rng_spec.md)
+  if (r > M * N / (M + N) || r * (M + N) >= M * N)
+    throw py::value_error("lowrank_r = " + str(r) + " with r*(M + N) >= M*N for (" + str(M) + ", " + str(N) +
+                          "): such a tensor takes the dense Gaussian path, not the low-rank update");
+  if (base < 0 || base > (int64_t{1} << 62) - M * N)
+    throw py::value_error("base must be in [0, 2**62 - M*N), got " + str(base));
+}
+
 // The spec codes compiled into this module, so tests can compare them with mezo_kernels.rng (a stale build or a
 // hand-edited header shows up there instead of as wrong bits).
 inline py::dict spec_codes() {

@@ -10,6 +10,7 @@
 
 #include "bindings_common.h"
 #include "cpu/kernel.h"
+#include "cpu/lowrank.h"
 #include "philox.h"
 
 namespace py = pybind11;
@@ -51,6 +52,33 @@ void randn4x(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t
   mezo::cpu::randn4x(s, k, n, reinterpret_cast<float*>(out_ptr));
 }
 
+// The fused low-rank update of one 2-d tensor (block) in place: csrc/cpu/lowrank.h has the semantics.
+void lowrank_update(uintptr_t w_ptr, int64_t m, int64_t n, int64_t row0, int64_t col0, int64_t M, int64_t N,
+                    int64_t r, int64_t base, int dtype, bool stochastic, const py::int_& seed_u,
+                    const py::int_& seed_v, double alpha, double beta) {
+  const uint64_t su = to_seed(seed_u), sv = to_seed(seed_v);
+  check_lowrank(w_ptr, m, n, row0, col0, M, N, r, base, dtype);
+  const mezo::cpu::LowrankJob job{reinterpret_cast<void*>(w_ptr), m, n, row0, col0, M, N, r, base, dtype,
+                                  stochastic, su, sv, static_cast<float>(alpha), static_cast<float>(beta)};
+  py::gil_scoped_release nogil;
+  mezo::cpu::lowrank_update(job);
+}
+
+void normals(const py::int_& seed, int64_t g0, int64_t n, uintptr_t out_ptr) {
+  const uint64_t s = to_seed(seed);
+  check_out(n, out_ptr);
+  if (g0 < 0 || g0 > (int64_t{1} << 62) - n) throw py::value_error("g0 must be in [0, 2**62 - n), got " + str(g0));
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  mezo::cpu::normals(s, static_cast<uint64_t>(g0), n, reinterpret_cast<float*>(out_ptr));
+}
+
+py::list cpu_features() {
+  py::list f = features();
+  f.append("op:lowrank_update");
+  return f;
+}
+
 void set_num_threads(int n) {
   if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
   mezo::cpu::set_num_threads(n);
@@ -76,5 +104,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the kernels' thread count for later calls.");
   m.def("build_info", [] { return std::string(mezo::cpu::build_info()); }, "Compiler, ISA flags, chunk size.");
   m.def("spec_codes", &spec_codes, "The spec's constants, kernel modes, distributions and dtype codes compiled in.");
-  m.def("features", &features, "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>'.");
+  m.def("lowrank_update", &lowrank_update, py::arg("w_ptr"), py::arg("m"), py::arg("n"), py::arg("row0"),
+        py::arg("col0"), py::arg("M"), py::arg("N"), py::arg("r"), py::arg("base"), py::arg("dtype"),
+        py::arg("stochastic"), py::arg("seed_u"), py::arg("seed_v"), py::arg("alpha"), py::arg("beta"),
+        "Fused low-rank update W <- round(fma(U V^T / sqrt(r), beta, alpha W)) of the m x n block at (row0, col0) "
+        "of an (M, N) tensor with base `base` (host pointer, contiguous block; csrc/cpu/lowrank.h).");
+  m.def("normals", &normals, py::arg("seed"), py::arg("g0"), py::arg("n"), py::arg("out_ptr"),
+        "Write the n float32 normals z(seed, g0 + e) (any g0) to host memory: the stream lowrank_update reads.");
+  m.def("features", &cpu_features, "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>'.");
 }

@@ -258,3 +258,57 @@ def _decide(name: str, from_env: bool, device: torch.device, mode: KernelMode, d
         src = f" (from ${ENV_VAR})" if from_env else ""
         raise ValueError(f"backend {name!r}{src} is unavailable for {device}: {why}")
     return _REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------- low-rank update
+# The fused low-rank update of one 2-d tensor (``perturb.lowrank``) is an op of its own, not a kernel mode on a
+# plan: which backends have it is decided here, once per (backend, $MEZO_BACKEND, device), like ``choose``.
+LOWRANK_FEATURE = "op:lowrank_update"   # what an extension's features() lists when it has the op
+
+
+def lowrank_unsupported_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` runs the fused low-rank update on ``device``, else why not."""
+    why = unavailable_reason(name, device)
+    if why is not None or name == "torch":
+        return why
+    if name == "cpu":
+        feats = getattr(_REGISTRY["cpu"].module(), "features", lambda: [])()
+        return None if LOWRANK_FEATURE in feats else (
+            "mezo_kernels._C was built without the low-rank update; rebuild it (`pip install -e .`)")
+    if name == "cuda":
+        return "the CUDA extension has no low-rank update yet (use the triton backend on a GPU)"
+    mod = importlib.import_module("mezo_kernels.triton")      # triton: available, so importable
+    return None if hasattr(mod, "lowrank_update") else "mezo_kernels.triton has no lowrank_update"
+
+
+_LOWRANK_CHOICES: dict[tuple, str] = {}
+
+
+def choose_lowrank(backend: str, device: torch.device) -> str:
+    """The backend name (one of ``NAMES``) that runs the fused low-rank update on tensors of ``device``, for a caller
+    that asked for ``backend`` (``"auto"`` or a name; ``MEZO_BACKEND`` overrides it). ``auto`` takes the first of
+    (cuda, triton, torch) on a GPU, (cpu, torch) on the CPU that has the op, warning once when a present backend
+    is passed over; a named backend without it is a ValueError saying why. Memoised (refusals are not)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    device = torch.device(device)
+    env = os.environ.get(ENV_VAR) or None
+    key = (backend, env, device)
+    found = _LOWRANK_CHOICES.get(key)
+    if found is None:
+        name = env or backend
+        if name == "auto":
+            order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+            name = next(n for n in order if lowrank_unsupported_reason(n, device) is None)
+            skipped = [n for n in order[:order.index(name)] if unavailable_reason(n, device) is None]
+            if skipped:
+                _warn_once(f"backend {skipped[0]!r} is present but {lowrank_unsupported_reason(skipped[0], device)}; "
+                           f"using {name!r} for the low-rank update instead")
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(NAMES)}")
+        why = lowrank_unsupported_reason(name, device)
+        if why is not None:
+            src = f" (from ${ENV_VAR})" if env is not None else ""
+            raise ValueError(f"backend {name!r}{src} cannot run the low-rank update on {device}: {why}")
+        found = _LOWRANK_CHOICES[key] = name
+    return found

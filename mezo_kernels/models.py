@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _compat
 
-__all__ = ["load_model", "add_lora", "trainable_parameters", "unwrap", "model_kind", "build_tiny_tokenizer",
+__all__ = ["load_model", "load_config", "add_lora", "trainable_parameters", "unwrap", "model_kind", "build_tiny_tokenizer",
            "TINY_MODELS", "BUILTIN_MODELS", "SMOLLM2_GGUF", "LORA_TARGETS"]
 
 ModelKind = Literal["causal", "masked"]
@@ -243,6 +243,24 @@ def load_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     for p in model.parameters():
         p.requires_grad_(True)
     return model, tok, kind
+
+
+def load_config(name: str):
+    """The transformers config of the model :func:`load_model` would load for ``name`` (architecture, head counts),
+    without loading any weight: to refuse settings a model cannot run before paying for its load."""
+    from transformers import AutoConfig
+
+    if name in TINY_MODELS:
+        kind = name.split("-", 1)[1]
+        return _tiny_config(kind, build_tiny_tokenizer(kind))  # type: ignore[arg-type]
+    if name == "smollm2-135m":
+        with _compat.gguf_parse_once():
+            return AutoConfig.from_pretrained(_find_smollm2_dir(), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    local = _hf_source(name)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=local)
+    except OSError as e:
+        raise ValueError(f"model {name!r}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
 
 
 def _model_type(model: nn.Module) -> str:

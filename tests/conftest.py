@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("MEZO_BACKEND", None)  # the tests choose backends explicitly
+# the tests never reach a hub: models are built from configs or shipped in a package, data read from folders; a hub
+# fallback tried here would wait out network time-outs on a machine without access (subprocesses inherit this)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from mezo_kernels.kernels import NAMES, unavailable_reason  # noqa: E402
 

@@ -20,7 +20,10 @@ also holds the module tree (tree.py): adapters injected, merged, unloaded or dis
 what the model computes without always changing a weight's version. A tree made of other objects (or another model)
 gets a new runner (it holds the modules it calls) and empty caches; switches (adapters on/off, train/eval) are in
 the keys, the whole tree's for the eval cache, the frozen layers' own for the frozen-layer states.
-Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward.
+Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward, and
+so do sharded models (DTensor parameters or FSDP modules: ``llama.sharded_reason``), whose forward needs FSDP's hooks
+and tensor parallelism's local head counts; that choice depends on the module tree only, so every rank of a job
+makes it alike and issues the same collectives.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from .._compat import param_version, sdpa_kernels_used
 from ..models import unwrap
 from .batches import padded_work, part, plan_batches, stack
 from .grouped import check_groups, first_group, tile_plan, tile_states
-from .llama import LlamaRunner, unsupported_reason
+from .llama import LlamaRunner, sharded_reason, unsupported_reason
 from .plan import Plan, plan_prefixes
 from .stats import EngineStats
 from .tree import ModuleTree, module_state
@@ -113,7 +116,8 @@ class ForwardEngine:
     def logits_at(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         lm = unwrap(model)
-        why = "reuse is off" if not self.reuses else unsupported_reason(lm)
+        # sharded weights (FSDP, tensor parallel): the plain forward, on every rank alike (module tree only)
+        why = "reuse is off" if not self.reuses else (sharded_reason(model) or unsupported_reason(lm))
         self.stats.forwards += 1
         G, first_ids, first_mask = self._groups or 1, input_ids, attention_mask
         if self._groups is not None:                # rows are G group-major copies: plan over the first

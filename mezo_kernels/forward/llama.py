@@ -23,8 +23,28 @@ from .attention import Recorder, attend, merge
 SUPPORTED = ("llama",)
 
 
+def sharded_reason(model: nn.Module) -> str | None:
+    """Why the layer-by-layer runner must not run ``model``: its parameters are sharded (DTensor: FSDP2, tensor
+    parallel) or a module is FSDP-wrapped. The runner calls the projections directly, so FSDP's per-module hooks
+    (the all-gathers) would not fire and tensor parallelism changes the local head counts. None otherwise. The
+    answer depends on the module tree only, which is the same on every rank of a job, so every rank takes the same
+    path and issues the same collectives."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "sharded parameters (DTensor): plain forward"
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return "FSDP-wrapped modules: plain forward"
+    return None
+
+
 def unsupported_reason(lm: nn.Module) -> str | None:
     """None when :class:`LlamaRunner` can run ``lm`` (an unwrapped ``*ForCausalLM``), else why not."""
+    sharded = sharded_reason(lm)
+    if sharded:
+        return sharded
     cfg = getattr(lm, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in SUPPORTED:

@@ -1,5 +1,5 @@
-"""The MeZO optimizer: ``step(closure)`` = loss at theta + eps*z, loss at theta - eps*z, one update; and
-:func:`replay`, which rebuilds trained weights from a seed log.
+"""The MeZO optimizer: ``step(closure)`` = loss at theta + eps*z, loss at theta - eps*z, one update
+(``optim.replay`` rebuilds trained weights from a seed log).
 
 A ``torch.optim.Optimizer``: param groups with their own ``lr`` and ``weight_decay``, so torch and HF LR schedulers
 drive it unchanged (the kernels read each group's current ``lr`` at every step). Model-agnostic: it sees tensors
@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .. import rng
-from . import seedlog
+from . import distributed, seedlog
+from .build import build
 from .param_groups import NoDecay, check_hyper, layout, no_decay
 from .settings import Settings, check_settings
 from .state import StepLog, hyper_of, load_masters, logged_steps, masters_in_order
@@ -26,8 +27,8 @@ from .steps import Direction, StepResult, Stepper, projected_grad
 from ..perturb import ParamSet
 from ..virtual import VirtualPerturbation
 
-__all__ = ["MeZO", "StepResult", "replay", "no_decay", "projected_grad"]
-_NO_FORWARDS = object()     # model= of an optimizer rebuilt by replay() without the model: it replays, not steps
+__all__ = ["MeZO", "StepResult", "no_decay", "projected_grad", "NO_FORWARDS"]
+NO_FORWARDS = object()      # model= of an optimizer rebuilt by replay() without the model: it replays, not steps
 
 
 class MeZO(torch.optim.Optimizer):
@@ -46,17 +47,25 @@ class MeZO(torch.optim.Optimizer):
         exact_restore: fp32 masters for fp16/bf16 tensors (passed to ``ParamSet``). Default: in place, yes (so
             restore is exact); virtual, no (restore needs none, the update rounds stochastically).
         bases: explicit global base index per tensor, in the order of ``params`` (groups concatenated); default:
-            the running sum over that order. A tensor-parallel shard passes the bases of the unsharded parameters
-            (``distributed.sharded_params``) so that its z is exactly the z of a single-process run.
+            the running sum over that order (of the full sizes for DTensors). A hand-made shard passes the bases of
+            the unsharded parameters (``optim.shard.sharded_params``) so that its z is exactly the z of a
+            single-process run; DTensor parameters need none (``optim.dtensor``: each rank perturbs its local
+            shard with the global indices).
         groups: how a flat ``params`` list splits into groups, as ``config()["groups"]`` records it (replay).
         perturb: ``"virtual"`` or ``"inplace"`` (``optim.steps``; default in place). Virtual keeps fp16/bf16
             training at the inference peak without fp32 masters (full-parameter bf16 SmolLM2-135M: 1.02x against
             2.27x with masters) but took 1.06-1.33x the in-place step time on the 2-core CPU (bench/RESULTS.md,
             step-cpu-perturb): choose it for memory.
-        model: the ``nn.Module`` owning the parameters, for ``perturb="virtual"`` (a ValueError without it).
+        model: the ``nn.Module`` owning the parameters: for ``perturb="virtual"`` and for DTensor parameters (a
+            ValueError without it). MeZO reshards its FSDP2 modules before it reads the parameters and before every
+            weight write, so the next forward gathers what was written (``optim.distributed``).
         distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the directions z.
         rounding: of the update in fp16/bf16 without masters: ``"stochastic"`` (default for virtual; its bits come
             from the step seed's own SR stream) or ``"nearest"`` (default in place).
+        loss_group: under ``torch.distributed``, the ranks whose closure losses are averaged (one all-reduce of
+            the (L+, L-) pair per direction): None (default) for the data-parallel ranks of the parameters (plain
+            tensors: the world; FSDP2: its mesh; a pure tensor-parallel mesh: none), False for none (the caller
+            reduces), or a ProcessGroup. Every rank first checks that all have the same seed, config and shapes.
     """
 
     def __init__(self, params: Iterable, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
@@ -64,44 +73,39 @@ class MeZO(torch.optim.Optimizer):
                  total_steps: int | None = None, exact_restore: bool | None = None,
                  bases: Sequence[int] | None = None, no_decay: NoDecay = None, groups: Sequence[dict] | None = None,
                  perturb: str | None = None, model: torch.nn.Module | None = None, distribution: str = "gaussian",
-                 rounding: str | None = None):
+                 rounding: str | None = None, loss_group: object = None):
         lr, weight_decay = check_hyper(lr, "lr"), check_hyper(weight_decay, "weight_decay")
         st = check_settings(eps, seed, n_directions, schedule, total_steps, perturb, model is not None,
                             distribution, rounding, exact_restore)
+        fsdp = distributed.fsdp_modules(model, st.perturb)     # resharded first: parameters read as shards
         lay = layout(params, lr, weight_decay, no_decay, groups)
         names, tensors = lay.names, lay.tensors
         explicit = None if bases is None else tuple(bases)           # values are checked by ParamSet
         if explicit is not None and len(explicit) != len(tensors):
             raise ValueError(f"bases has {len(explicit)} entries for {len(tensors)} tensors")
-        # default: global over the whole set, so grouping-invariant
+        # default: global over the whole set (full sizes), so grouping- and sharding-invariant
         bases = list(explicit) if explicit is not None else rng.default_bases(t.numel() for t in tensors)
-        ptrs = [t.data_ptr() for t in tensors if t.numel()]
-        if len(set(ptrs)) != len(ptrs):
-            raise ValueError("the same storage appears twice in the parameter list: it would be perturbed twice")
+        set_exact = exact_restore if (exact_restore is not None or st.perturb == "inplace") else False
+        built = build(names, tensors, bases, lay.groups, backend=backend, exact=set_exact,
+                      distribution=st.distribution, model=model, fsdp=fsdp, loss_group=loss_group)
         self._settings: Settings = dataclasses.replace(
             st, bases=explicit, no_decay_names=None if lay.no_decay_names is None else tuple(lay.no_decay_names),
             groups=None if lay.groups_cfg is None else tuple(dict(g) for g in lay.groups_cfg))
-        set_exact = exact_restore if (exact_restore is not None or st.perturb == "inplace") else False
-        self._sets: list[ParamSet | None] = []
-        torch_groups = []
-        for idx, g_lr, g_wd, extra in lay.groups:
-            ps = None
-            if idx:
-                ps = ParamSet([(names[i], tensors[i]) for i in idx], bases=[bases[i] for i in idx],
-                              backend=backend, exact_restore=set_exact, require_grad=True,
-                              distribution=st.distribution)
-            self._sets.append(ps)
-            torch_groups.append({**extra, "params": [tensors[i] for i in idx], "lr": g_lr, "weight_decay": g_wd,
-                                 "param_names": [names[i] for i in idx]})
-        self._flat = [i for idx, *_r in lay.groups for i in idx]      # position in group order -> flat index
+        self._sets, self._flat, self._sharded = built.sets, built.flat, built.sharded
+        self._n_tensors = len(tensors)
+        torch_groups = [{**extra, "params": [tensors[i] for i in idx], "lr": g_lr, "weight_decay": g_wd,
+                         "param_names": [names[i] for i in idx]} for idx, g_lr, g_wd, extra in lay.groups]
         self._building = True
         super().__init__(torch_groups, {"lr": lr, "weight_decay": weight_decay})
         self._building = False
         virtual = None
-        if st.perturb == "virtual" and model is not _NO_FORWARDS:
-            virtual = VirtualPerturbation(model, self.param_sets)
-        self._stepper = Stepper(self._sets, st.eps, st.perturb, st.rounding, virtual)
+        if st.perturb == "virtual" and model is not NO_FORWARDS:
+            virtual = VirtualPerturbation(model, self.param_sets, wrapped=built.wrapped)
+        self._stepper = Stepper(self._sets, st.eps, st.perturb, st.rounding, virtual, built.reduce, built.prepare)
         self._steps = StepLog(self.config())
+        shapes = [] if explicit is not None and built.sharded is None else \
+            [(tuple(t.shape), str(t.dtype)) for t in tensors]          # global shapes (hand-made shards differ)
+        distributed.check_same(built.check_group, self.seed, self.config(), shapes)
 
     def add_param_group(self, param_group: dict) -> None:
         if not getattr(self, "_building", False):
@@ -137,6 +141,11 @@ class MeZO(torch.optim.Optimizer):
     def virtual(self) -> VirtualPerturbation | None:
         """The hooks of ``perturb="virtual"`` (with their memory statistics), else None."""
         return self._stepper.virtual
+
+    @property
+    def loss_group(self):
+        """The process group whose closure losses each step averages, or None (no reduction)."""
+        return getattr(self._stepper.reduce, "group", None)
 
     @property
     def lr(self) -> float:
@@ -198,6 +207,9 @@ class MeZO(torch.optim.Optimizer):
         pairs = list(pm_fn(seeds, self.eps))
         if len(pairs) != len(seeds):
             raise ValueError(f"pm_fn returned {len(pairs)} loss pairs for {len(seeds)} directions")
+        if self._stepper.reduce is not None:         # every pair averaged over the loss group in one all-reduce
+            flat = self._stepper.reduce([float(v) for pair in pairs for v in pair])
+            pairs = list(zip(flat[0::2], flat[1::2]))
         dirs, lps, lms = [], [], []
         for s, (lp, lm) in zip(seeds, pairs):
             d = Direction(s)
@@ -237,7 +249,8 @@ class MeZO(torch.optim.Optimizer):
         """torch's ``{"state", "param_groups"}`` plus ``config``, ``step``, counters, the replay ``log`` and the fp32
         ``masters`` (one per tensor in ``params`` order, None where there is none; live tensors, as torch's)."""
         sd = super().state_dict()
-        sd.update(config=self.config(), **self._steps.state(), masters=masters_in_order(self._sets, self._flat))
+        sd.update(config=self.config(), **self._steps.state(),
+                  masters=masters_in_order(self._sets, self._flat, self._sharded))
         return sd
 
     def load_state_dict(self, state: dict) -> None:
@@ -251,8 +264,9 @@ class MeZO(torch.optim.Optimizer):
                 raise ValueError(f"state_dict was saved with {k}={cfg[k]!r}, this optimizer has {getattr(self, k)!r}")
         seedlog.check_modes(cfg, self.config(), "state_dict")
         masters = state.get("masters")
-        if masters is not None and len(masters) != len(self._flat):
-            raise ValueError(f"state_dict holds {len(masters)} tensors' masters, this optimizer has {len(self._flat)}")
+        if masters is not None and len(masters) != self._n_tensors:
+            raise ValueError(f"state_dict holds {len(masters)} tensors' masters, this optimizer has "
+                             f"{self._n_tensors}")
         if "param_groups" in state:
             super().load_state_dict({"state": {}, "param_groups": state["param_groups"]})
         else:                                   # written before MeZO had param groups
@@ -262,29 +276,4 @@ class MeZO(torch.optim.Optimizer):
         self._settings = dataclasses.replace(self._settings, schedule=cfg["schedule"], total_steps=cfg["total_steps"])
         self._steps.load(state, self.config())
         if masters is not None:
-            load_masters(self._sets, self._flat, masters)
-
-
-def replay(params: Iterable, log, config: dict | None = None, backend: str = "auto",
-           exact_restore: bool | None = None, model: torch.nn.Module | None = None) -> MeZO:
-    """Rebuild trained weights in place from the initial ``params`` and a seed log, bit for bit on the same
-    backend and mode.
-
-    ``log``: ``MeZO.log`` (which carries its config), a ``seeds.jsonl`` path, ``(header, records)``, a
-    ``MeZO.state_dict()``, or bare records with ``config``. ``config``: ``MeZO.config()`` of the run; default: the
-    one the log carries (a ValueError when both are there and their modes differ: another distribution would
-    replay other directions). ``model``: the module owning ``params``, needed to continue training a
-    virtual-perturbation run (replay itself runs no forward). Returns the optimizer, ready to continue training
-    (resume)."""
-    logged, records = seedlog.load(log)
-    if config is not None and logged is not None:
-        seedlog.check_modes(logged, config)
-    cfg = dict(config if config is not None else logged or {})
-    if not cfg:
-        raise ValueError("this log carries no config: pass config=MeZO.config() of the run that wrote it")
-    if exact_restore is not None:
-        cfg["exact_restore"] = exact_restore
-    cfg.setdefault("perturb", "inplace")        # a config without the key was written in place
-    if model is None and cfg.get("perturb") == "virtual":
-        model = _NO_FORWARDS
-    return MeZO(params, backend=backend, model=model, **cfg).replay_(records)
+            load_masters(self._sets, self._flat, masters, self._sharded)

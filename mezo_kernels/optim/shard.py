@@ -1,8 +1,11 @@
-"""Shard bases: a rank holding a row or column shard of a parameter perturbs it with the *global* element indices
-of the unsharded parameter (``sharded_params`` computes the bases), so its z is exactly the single-process z.
+"""Shard bases: a rank holding a block of a parameter perturbs it with the *global* element indices of the
+unsharded parameter, so its z is exactly the single-process z. :func:`local_runs` maps any block (a slice of every
+dim, as a DTensor's local tensor is) to the runs of consecutive global indices it holds; ``sharded_params`` uses it
+for hand-made row and column shards, ``optim.dtensor`` for DTensor parameters.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,7 +13,36 @@ import torch
 
 from .. import rng
 
-__all__ = ["shard_range", "Shard", "sharded_params"]
+__all__ = ["shard_range", "Shard", "sharded_params", "local_runs"]
+
+
+def local_runs(full_shape: Sequence[int], local_shape: Sequence[int], offset: Sequence[int]
+               ) -> list[tuple[int, int, int]]:
+    """The block ``offset[d] : offset[d] + local_shape[d]`` (every dim) of a row-major tensor of ``full_shape`` as
+    runs of consecutive global flat indices: ``(local flat start, length, global flat start)`` in local order,
+    which covers the (contiguous) local tensor once. With d the last dim where the block is narrower than the
+    tensor, there are ``prod(local_shape[:d])`` runs of ``local_shape[d] * prod(full_shape[d+1:])`` elements; a
+    whole tensor is one run; an empty block none."""
+    full = [int(x) for x in full_shape]
+    shape, off = [int(x) for x in local_shape], [int(x) for x in offset]
+    if len(shape) != len(full) or len(off) != len(full):
+        raise ValueError(f"block of rank {len(shape)} (offset rank {len(off)}) in a tensor of rank {len(full)}")
+    if any(o < 0 or o + n > f for o, n, f in zip(off, shape, full)):
+        raise ValueError(f"block {shape} at {off} lies outside shape {full}")
+    if 0 in shape:
+        return []
+    partial = [d for d in range(len(full)) if shape[d] != full[d]]
+    if not partial:
+        return [(0, _numel(full), 0)]
+    d = partial[-1]
+    stride = [_numel(full[k + 1:]) for k in range(len(full))]
+    length = shape[d] * stride[d]
+    out, start = [], 0
+    for idx in itertools.product(*(range(n) for n in shape[:d])):
+        g = sum((off[k] + i) * stride[k] for k, i in enumerate(idx)) + off[d] * stride[d]
+        out.append((start, length, g))
+        start += length
+    return out
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -68,12 +100,13 @@ def sharded_params(shards: Sequence[Shard]) -> tuple[list[tuple[str, torch.Tenso
                              f"its size {full[s.dim]}")
         if not t.is_contiguous():
             raise ValueError(f"{s.name}: shard tensor must be contiguous")
+        offset = [s.start if d == s.dim else 0 for d in range(len(full))]
+        runs = local_runs(full, t.shape, offset)
         if s.dim == 0:
-            params.append((s.name, t)); bases.append(base + s.start * _numel(full[1:]))
+            params.append((s.name, t)); bases.append(base + (runs[0][2] if runs else 0))
         else:
-            cols = full[1]
-            for r in range(full[0]):
-                params.append((f"{s.name}[row {r}]", t[r:r + 1])); bases.append(base + r * cols + s.start)
+            for r, (_, _, g) in enumerate(runs):
+                params.append((f"{s.name}[row {r}]", t[r:r + 1])); bases.append(base + g)
     return params, bases
 
 

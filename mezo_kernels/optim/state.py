@@ -12,6 +12,7 @@ import torch
 
 from .. import rng
 from ..perturb import ParamSet
+from .dtensor import ShardedLayout, join_masters, split_master
 from .seedlog import SeedLog
 from .steps import Direction
 
@@ -88,22 +89,41 @@ def hyper_of(rec: dict, decays: Sequence[float]) -> list[tuple[float, float]]:
     return [(lr, wd if d != 0 else 0.0) for d in decays]
 
 
-def masters_in_order(sets: Sequence[ParamSet | None], flat: Sequence[int]) -> list[torch.Tensor | None]:
+def masters_in_order(sets: Sequence[ParamSet | None], flat: Sequence[int],
+                     sharded: ShardedLayout | None = None) -> list[torch.Tensor | None]:
     """The fp32 masters, one per tensor in ``params`` order (None where there is none; live tensors, as torch's
-    state). ``flat``: position in group order -> flat index."""
-    masters: list[torch.Tensor | None] = [None] * len(flat)
+    state). ``flat``: position in group order -> flat index, one position per set entry. ``sharded``: the runs of
+    DTensor parameters, whose runs' masters are joined into one master of the local tensor (a new tensor)."""
     in_order = [m for ps in sets if ps is not None for m in ps.masters()]   # group order
+    if sharded is None:
+        masters: list[torch.Tensor | None] = [None] * len(flat)
+        for pos, m in enumerate(in_order):
+            masters[flat[pos]] = m
+        return masters
+    per: list[list] = [[] for _ in sharded.runs]
     for pos, m in enumerate(in_order):
-        masters[flat[pos]] = m
-    return masters
+        per[flat[pos]].append(m)
+    return [join_masters(ms, sharded.local_shapes[i]) if sharded.is_dtensor[i] else (ms[0] if ms else None)
+            for i, ms in enumerate(per)]
 
 
-def load_masters(sets: Sequence[ParamSet | None], flat: Sequence[int], masters: Sequence[torch.Tensor | None]) -> None:
+def load_masters(sets: Sequence[ParamSet | None], flat: Sequence[int], masters: Sequence[torch.Tensor | None],
+                 sharded: ShardedLayout | None = None) -> None:
     """Copy saved ``masters`` (``masters_in_order``'s form, its length checked by the caller) into the sets."""
+    if sharded is None:
+        by_pos = [masters[i] for i in flat]
+    else:
+        pieces = [[None] * len(runs) if m is None else split_master(m, runs) if sharded.is_dtensor[i] else [m]
+                  for i, (m, runs) in enumerate(zip(masters, sharded.runs))]
+        taken = [0] * len(pieces)
+        by_pos = []
+        for i in flat:
+            by_pos.append(pieces[i][taken[i]])
+            taken[i] += 1
     start = 0
     for ps in sets:
         n = len(ps.tensors) if ps is not None else 0
-        saved = [masters[i] for i in flat[start:start + n]]
+        saved = by_pos[start:start + n]
         start += n
         if ps is None or all(m is None for m in saved):
             continue

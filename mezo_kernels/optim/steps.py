@@ -57,19 +57,28 @@ class Stepper:
     """The passes and the update of a step over ``sets`` (one ``ParamSet`` per param group, None for an empty
     group), with perturbation scale ``eps``, mode ``perturb`` (``"inplace"``/``"virtual"``; ``virtual``: its
     hooks, None for an optimizer rebuilt without its model, which can replay but not run passes) and the update's
-    ``rounding`` (``"nearest"``/``"stochastic"``). Every argument is checked by ``MeZO``."""
+    ``rounding`` (``"nearest"``/``"stochastic"``). Every argument is checked by ``MeZO``.
+
+    Across processes (``optim.distributed``): ``reduce`` averages a direction's (L+, L-) over the loss group in one
+    call, or None; ``prepare`` runs before every weight write (FSDP2's reshard), or None (plain tensors)."""
 
     def __init__(self, sets: Sequence[ParamSet | None], eps: float, perturb: str, rounding: str,
-                 virtual: VirtualPerturbation | None):
+                 virtual: VirtualPerturbation | None, reduce: Callable[[Sequence[float]], list[float]] | None = None,
+                 prepare: Callable[[], None] | None = None):
         self.sets, self.eps, self.perturb, self.rounding, self.virtual = list(sets), eps, perturb, rounding, virtual
+        self.reduce, self.prepare = reduce, prepare
         self._warned_unreached = False
 
     def _perturb(self, seed: int, offset: float) -> None:
+        if self.prepare is not None:
+            self.prepare()
         for ps in self.sets:
             if ps is not None:
                 ps.perturb_(seed, offset)
 
     def restore(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
         for ps in self.sets:
             if ps is not None:
                 ps.restore_()
@@ -99,18 +108,25 @@ class Stepper:
         valid directions' losses). ``recorded``: the logged directions, replayed instead of calling ``closure``."""
         dirs, lps, lms = [], [], []
         n = len(seeds)
+        # with a loss group every rank runs both passes (their forwards may be collectives), then one all-reduce
+        # of the pair; a non-finite mean stops the direction after its - pass: skip "minus", as replay repeats it
+        reduce = self.reduce if recorded is None else None
         try:
             for j, s in enumerate(seeds):
                 d = Direction(s)
                 lp = self._pass(s, +self.eps, closure if recorded is None else None, micro_batches)
                 if recorded is not None:
                     d.skip = recorded[j].skip
-                elif not math.isfinite(lp):
+                elif reduce is None and not math.isfinite(lp):
                     d.skip = "plus"
                 if d.skip == "plus":
                     self.restore(); dirs.append(d); continue
                 lm = self._pass(s, -self.eps, closure if recorded is None else None, micro_batches)
-                if recorded is None and not math.isfinite(lm):
+                if reduce is not None:
+                    lp, lm = reduce((lp, lm))
+                    if not (math.isfinite(lp) and math.isfinite(lm)):
+                        d.skip = "minus"
+                elif recorded is None and not math.isfinite(lm):
                     d.skip = "minus"
                 if d.skip == "minus":
                     self.restore(); dirs.append(d); continue
@@ -130,6 +146,8 @@ class Stepper:
         valid = [d for d in dirs if d.skip is None]
         if not valid:
             return
+        if self.prepare is not None:
+            self.prepare()
         if self.perturb == "virtual" or self.rounding == "stochastic":
             self.restore()
             for i, d in enumerate(valid):

@@ -10,6 +10,7 @@ from typing import Iterable, Union
 
 import torch
 
+from .. import _compat
 from .. import kernels as _bk
 from .. import rng
 from ..rng import Distribution, KernelMode
@@ -86,7 +87,10 @@ def split_named(params: Iterable[TensorLike]) -> tuple[list[str], list[torch.Ten
 
 
 def check_tensor(name: str, t: torch.Tensor) -> None:
-    """TypeError for a dtype the kernels lack, ValueError for non-contiguous storage."""
+    """TypeError for a dtype the kernels lack or a DTensor, ValueError for non-contiguous storage."""
+    if _compat.is_dtensor(t):
+        raise TypeError(f"{name}: a DTensor; the kernels take plain tensors: pass its local shard with the global "
+                        "base of its first element, or hand the DTensors to MeZO (optim.dtensor does that)")
     if t.dtype not in rng.DTYPE_CODES:
         raise TypeError(f"{name}: unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")
     if not t.is_contiguous():

@@ -13,6 +13,12 @@ mean 0 and variance 1, as dense Gaussian entries do.
 
 Tensors that are not 2-d (norms, biases) and 2-d tensors where ``r*(m + n) >= m*n`` keep the dense Gaussian
 ``normal(seed_u, b + i)``: the factors would cost as much as the tensor.
+
+Summation order (what every backend computes, so a backend given bit-identical U and V lands on the same bits):
+``z[i, j] = fp32( (sum_{k=0..r-1} f64(U[i,k]) * f64(V[j,k])) / sqrt_f64(r) )`` -- each product is exact in float64
+(24 + 24 bits), the sum is accumulated in float64 in the order k = 0, 1, .., r - 1 (acc = p_0, acc = acc + p_1,
+...), divided once by the correctly rounded float64 sqrt(r), and rounded once to float32 (:func:`lowrank_product`).
+The fused update then is ``W <- round(fma_f32(z, beta, fp32(alpha * W)))`` (:func:`fma_f32`: a true fp32 fma).
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import torch
 
 from .philox import check_seed, normal
 
-__all__ = ["uses_lowrank", "lowrank_factors", "lowrank_direction", "check_rank"]
+__all__ = ["uses_lowrank", "lowrank_factors", "lowrank_direction", "lowrank_product", "check_rank", "fma_f32"]
+
+_ROWS_ELEMS = 1 << 20                      # elements per row slab in lowrank_product: bounds the float64 temporary
 
 
 def check_rank(r: object) -> int:
@@ -66,4 +74,45 @@ def lowrank_direction(seed_u: int, seed_v: int, base: int, shape: Sequence[int],
     if not uses_lowrank(shape, r):
         return normal(seed_u, base, math.prod(shape), device).view(shape)
     u, v = lowrank_factors(seed_u, seed_v, base, shape[0], shape[1], r, device)
-    return (u.double() @ v.double().T / math.sqrt(r)).float()
+    return lowrank_product(u, v)
+
+
+def lowrank_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``U Vᵀ / sqrt(r)`` (float32 [m, n]) from float32 factors ``u`` [m, r] and ``v`` [n, r], in the spec's order:
+    float64 products (exact), accumulated k = 0 .. r-1, one float64 division by ``sqrt(r)``, one rounding to fp32.
+
+    The order is written out (no BLAS, whose blocking may reorder the sum), so the C++ and Triton kernels, which
+    follow it, match these bits exactly when given the same U and V."""
+    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
+        raise ValueError(f"factors must be [m, r] and [n, r], got {tuple(u.shape)} and {tuple(v.shape)}")
+    m, r = u.shape
+    sqrt_r = math.sqrt(r)                  # correctly rounded (IEEE sqrt), as std::sqrt / sqrt.rn.f64
+    vt = v.double().T                      # [r, n]
+    out = torch.empty(m, v.shape[0], dtype=torch.float32, device=u.device)
+    step = max(1, _ROWS_ELEMS // max(1, v.shape[0]))
+    for lo in range(0, m, step):
+        ud = u[lo:lo + step].double()
+        acc = ud[:, 0:1] * vt[0]
+        for k in range(1, r):
+            acc = acc + ud[:, k:k + 1] * vt[k]
+        out[lo:lo + step] = (acc / sqrt_r).float()
+    return out
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor | float, c: torch.Tensor) -> torch.Tensor:
+    """``fma(a, b, c)`` on float32 values, correctly rounded once (a true fp32 fused multiply-add), as float32.
+
+    ``a*b`` is exact in float64; ``s = a*b + c`` in float64 plus its exact error (TwoSum) gives the sum rounded to
+    odd, whose rounding to float32 is the correctly rounded sum (53 >= 24 + 2 bits). ``b`` is rounded to fp32
+    first when a Python float. Unlike ``rng.fma_update`` no double-rounding tie is left: bit-exact with std::fma."""
+    a64 = a.float().double()
+    b64 = torch.tensor(b, dtype=torch.float32) if not isinstance(b, torch.Tensor) else b.float()
+    p = a64 * b64.to(a64.device).double()
+    c64 = c.float().double()
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)
+    odd = (s.view(torch.int64) & 1) == 1
+    toward = torch.nextafter(s, torch.where(err > 0, math.inf, -math.inf).to(s.dtype))
+    fix = torch.isfinite(s) & (err != 0) & ~odd
+    return torch.where(fix, toward, s).float()

@@ -1,7 +1,8 @@
 """``mezo-kernels train | eval | replay`` (also ``python -m mezo_kernels``).
 
 ``train`` with no options runs the README demo: MeZO-LoRA on SmolLM2-135M-Instruct, SST-2, on the CPU.
-Under ``torchrun --nproc-per-node N -m mezo_kernels train ...`` training is data parallel (see distributed.py).
+Under ``torchrun --nproc-per-node N -m mezo_kernels train ...`` training is data parallel (data_parallel.py), with
+the model replicated (``--shard none``), sharded by FSDP2 (``fsdp``) or tensor parallel (``tp``; sharding.py).
 ``eval`` prints a JSON object on its last line (accuracy, f1, loss, n). ``replay`` rebuilds a run's weights from
 its initial weights and ``seeds.jsonl``.
 """
@@ -102,12 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--ddp", default="auto", choices=["auto", "off"],
                    help="auto: data parallel when launched by torchrun with WORLD_SIZE > 1; off: ignore torchrun")
+    t.add_argument("--shard", default=_DEMO.shard, choices=["none", "fsdp", "tp"],
+                   help="under torchrun: none (every rank holds the model; data parallel), fsdp (FSDP2 on every "
+                        "layer and the root; data parallel), tp (tensor parallel, Llama; LoRA split to match); free to "
+                        "change on --resume")
     e = sub.add_parser("eval", help="evaluate a model (and adapter); JSON on the last line")
     _add_common(e)
     e.add_argument("--adapter", default=None, help="a peft adapter folder (e.g. runs/demo/adapter)")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
     e.add_argument("--batch-size", type=int, default=32)
-    r = sub.add_parser("replay", help="rebuild a run's adapter from its initial weights and seeds.jsonl")
+    r = sub.add_parser("replay", help="rebuild a run's adapter or model from its initial weights and seeds.jsonl "
+                                      "(one process, whatever --shard and world size the run had)")
     r.add_argument("--run", required=True, help="the run's output dir (config.json, seeds.jsonl)")
     r.add_argument("--output", default=None,
                    help="folder for the rebuilt adapter (LoRA) or model (default RUN/replayed)")
@@ -155,6 +161,7 @@ def _eval(a) -> int:
 def _replay(a) -> int:
     from .. import optim
     from ..optim.seedlog import read_log
+    from .files import replaced_dir
     from .loop import build
     run = Path(a.run)
     cfg = TrainConfig.from_json(run / "config.json")
@@ -164,10 +171,11 @@ def _replay(a) -> int:
         until = json.loads((run / "summary.json").read_text()).get("best_step")
     if until is not None:
         records = [r for r in records if int(r["step"]) < until]
-    model, _, _, _, params = build(cfg)
+    model, _, _, _, params = build(cfg)                  # one process: --shard does not apply
     opt = optim.replay(params, (head, records), backend=a.backend)
     out = Path(a.output) if a.output else run / "replayed"
-    model.save_pretrained(str(out))
+    with replaced_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
     print(json.dumps({"replayed_steps": opt.step_count, "saved": str(out)}))
     return 0
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from ..tasks.records import ObjectiveKind
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "SHARD_MODES"]
+
+SHARD_MODES = ("none", "fsdp", "tp")   # --shard: replicated data parallel, FSDP2, tensor parallel
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrainConfig:
     distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
     batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
     dtype: str = "float32"
+    shard: str = "none"                 # several processes: "none" (data parallel), "fsdp" or "tp" (sharding.py)
     resume: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -92,6 +95,8 @@ class TrainConfig:
         if self.batched_pm and (not self.lora or self.perturb == "inplace"):
             raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
                              "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
+        if self.shard not in SHARD_MODES:
+            raise ValueError(f"shard must be one of {', '.join(SHARD_MODES)}, got {self.shard!r}")
         m = self.max_minutes
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
                               or m <= 0):
@@ -100,6 +105,10 @@ class TrainConfig:
     def check_world_size(self, world_size: int) -> None:
         """ValueError when these settings cannot run on ``world_size`` processes (called where the launch is
         decided, before anything is loaded)."""
+        if self.shard != "none" and world_size < 2:
+            raise ValueError(f"shard={self.shard!r} splits the model over several processes, and this run has "
+                             f"{world_size}: launch it with torchrun --nproc-per-node N (N > 1), or use --shard none "
+                             "(a run may change --shard when it resumes)")
         if self.batched_pm and world_size > 1:
             raise ValueError(f"batched_pm is single-process, and this run has {world_size} processes (WORLD_SIZE): "
                              "data-parallel runs exchange per-rank losses per pass; drop --batched-pm or run one "

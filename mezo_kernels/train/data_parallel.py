@@ -7,6 +7,10 @@ no gradient buffers, no parameter broadcasts after start-up. ``exchange="sum"`` 
 instead (2 scalars per step with one direction). This module moves tensors only: what the per-example rows are
 and how they become the scalar is the caller's reducer (``objectives.Reduction``).
 
+Tensor parallel (``BroadcastLoss``): every rank computes the loss of the whole batch, its all-reduces inside the
+forward, and rank 0's value is broadcast (8 bytes per forward), so every rank steps on the same bits even where
+the ranks' reductions could round differently.
+
 Launch with ``torchrun``; ``init_from_env`` reads RANK / WORLD_SIZE / LOCAL_RANK.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_from_env", "env_world_size", "rank_slice", "CommStats", "Reducer",
-           "DataParallelLoss", "broadcast_object", "check_replicas"]
+           "DataParallelLoss", "BroadcastLoss", "broadcast_object", "check_replicas"]
 
 
 class DistInfo(NamedTuple):
@@ -179,3 +183,28 @@ class DataParallelLoss:
         self.stats.calls += 1
         self.stats.bytes_out += out_bytes
         self.stats.bytes_in += in_bytes
+
+
+class BroadcastLoss:
+    """``loss(model, batch) -> float``: ``fn(model, batch)`` (a float) on every rank, rank 0's value returned on
+    all (tensor parallelism: each rank holds part of every layer and runs the whole batch)."""
+
+    def __init__(self, fn: Callable[[Any, Sequence], float], group=None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(model, batch), got {type(fn).__name__}")
+        self.fn, self.group, self.stats = fn, group, CommStats()
+
+    def __call__(self, model, batch: Sequence) -> float:
+        value = float(self.fn(model, batch))
+        if not _active():
+            return value
+        buf = torch.tensor([value], dtype=torch.float64)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        t0 = time.perf_counter()
+        dist.broadcast(buf, src=src, group=self.group)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        mine = dist.get_rank(self.group) == 0
+        self.stats.bytes_out += 8 * (dist.get_world_size(self.group) - 1) if mine else 0
+        self.stats.bytes_in += 0 if mine else 8
+        return float(buf[0])

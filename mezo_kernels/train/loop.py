@@ -12,10 +12,13 @@ reported weights. ``max_minutes`` is a wall-clock budget for the training loop o
 evaluations included, set-up and the before/after evaluations not), checked after each step, so at least one step
 runs; ``summary.json`` then says ``stopped_by: "time"``, and ``--resume`` continues from the seed log.
 
-Under ``torchrun`` (WORLD_SIZE > 1) the loop is data parallel (``distributed.py``): every rank builds the same
-model and draws the same global batch, evaluates its slice, and the ranks all-gather the per-example losses, so
-every rank gets the same g and applies the same update. Only rank 0 writes files and prints; every rank evaluates
-the whole evaluation split (identical weights give identical metrics).
+Under ``torchrun`` (WORLD_SIZE > 1) every rank builds the same model and draws the same global batch. With
+``shard="none"`` (data parallel, ``data_parallel.py``) or ``"fsdp"`` (sharding.py) each rank evaluates its slice and
+the ranks all-gather the per-example losses; with ``"tp"`` every rank runs the whole batch and takes rank 0's loss.
+Either way every rank gets the same g and applies the same update to what it holds (sharded tensors: its shard, with
+the global element indices). Only rank 0 writes files and prints; every rank evaluates the whole evaluation split
+(identical weights give identical metrics, and sharded forwards need every rank). A sharded run's weights are
+gathered on rank 0 and saved as one process saves them.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ from ..tasks import registry as tasks
 from ..tasks.records import Example, Task
 from ..forward import ForwardEngine
 from ..optim import MeZO
+from . import sharding
 from .config import TrainConfig
-from .run import Run
+from .files import replaced_dir
+from .run import Run, examples_digest
 from .selection import BestWeights
 
 __all__ = ["build", "evaluate", "batch_for", "train", "save_weights", "load_adapter"]
@@ -97,14 +102,17 @@ def train(cfg: TrainConfig, progress: bool = True, ddp: bool | None = None,
 def _train(cfg: TrainConfig, run: Run, task: Task, clock: Callable[[], float] = time.monotonic) -> dict:
     splits = data.load_task_splits(task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed, train_file=cfg.train_file,
                                    eval_file=cfg.eval_file, test_file=cfg.test_file)
-    model, _, _, obj, params = build(cfg, task=task)
+    model, _, _, obj, _ = build(cfg, task=task)
+    model = sharding.shard_model(model, cfg.shard, run.info.world_size)
+    params = models.trainable_parameters(model)          # after sharding: the DTensors that replaced the weights
     loss_fn = run.loss_fn(obj, cfg.objective, params)
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend,
                n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps,
-               perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution)
+               perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution,
+               loss_group=False)        # loss_fn reduces over the ranks already (per-example all-gather, broadcast)
     step_on = _stepper(cfg, opt, model, obj, loss_fn)
     best = BestWeights(params) if cfg.select_on else None
-    resumed = run.begin(opt, best)
+    resumed = run.begin(opt, best, examples_digest(splits.train, splits.dev))
     final_eval = data.subsample(getattr(splits, cfg.final_split), cfg.eval_max, cfg.seed)
     periodic = data.subsample(getattr(splits, cfg.eval_split), cfg.eval_max, cfg.seed + 1)
     summary: dict = {"config": run.config, "backend": opt.param_sets[0].backend,
@@ -143,7 +151,10 @@ def _train(cfg: TrainConfig, run: Run, task: Task, clock: Callable[[], float] = 
     engine = getattr(obj, "engine", None)
     if engine is not None:
         summary["forward"] = engine.stats.as_dict()
-    return run.finish(summary, lambda out: save_weights(model, out, cfg.lora))
+    gathered = None
+    if cfg.shard != "none" and run.multi:               # every rank takes part in the gathers
+        gathered = sharding.full_state_dict(model, [n for n, _ in params] if cfg.lora else None, keep=run.main)
+    return run.finish(summary, lambda out: save_weights(model, out, cfg.lora, gathered))
 
 
 def _stepper(cfg: TrainConfig, opt: MeZO, model, obj, loss_fn) -> Callable[[list], object]:
@@ -172,10 +183,13 @@ def _select(cfg: TrainConfig, run: Run, best: BestWeights, step: int, dev_eval: 
             "selection_candidates": sel["candidates"]}
 
 
-def save_weights(model, out: Path, lora: bool) -> Path:
-    """Save the adapter (LoRA: ``out/adapter``) or the whole model (``out/model``) in transformers' format."""
+def save_weights(model, out: Path, lora: bool, state_dict: dict | None = None) -> Path:
+    """Save the adapter (LoRA: ``out/adapter``) or the whole model (``out/model``) in transformers' format,
+    atomically (the folder is complete or absent). ``state_dict``: the tensors to save instead of the model's own
+    (a sharded model's, gathered: ``sharding.full_state_dict``)."""
     target = out / ("adapter" if lora else "model")
-    model.save_pretrained(str(target))
+    with replaced_dir(target) as tmp:
+        model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
     return target
 
 

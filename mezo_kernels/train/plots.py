@@ -1,15 +1,7 @@
 """curves.png: training loss (mean of L+ and L-, smoothed) and evaluation accuracy against the step."""
 from __future__ import annotations
 
-import json
-
-
-def _read(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            return [json.loads(ln) for ln in f if ln.strip()]
-    except FileNotFoundError:
-        return []
+from .files import read_jsonl, replaced_file
 
 
 def plot_curves(metrics_path: str, evals_path: str, out_png: str, window: int = 20) -> None:
@@ -17,7 +9,7 @@ def plot_curves(metrics_path: str, evals_path: str, out_png: str, window: int = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m, e = _read(metrics_path), _read(evals_path)
+    m, e = read_jsonl(metrics_path), read_jsonl(evals_path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     if m:
         steps = [r["step"] for r in m]
@@ -36,5 +28,6 @@ def plot_curves(metrics_path: str, evals_path: str, out_png: str, window: int = 
     if e:
         b.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with replaced_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

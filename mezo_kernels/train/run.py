@@ -4,13 +4,16 @@ that the trainer's loop has no rank branches.
 
 Files (rank 0 writes them, in this order): ``config.json``; ``seeds.jsonl`` (the replay log, through
 :class:`~mezo_kernels.seedlog.SeedLogWriter`); ``metrics.jsonl`` (one object per step); ``evals.jsonl`` (one object
-per evaluation); ``adapter/`` or ``model/``; ``curves.png``; ``summary.json``. On ``--resume`` rank 0 reads the
-run folder and hands the seed log to the other ranks, so no shared file system is needed.
+per evaluation); ``adapter/`` or ``model/``; ``curves.png``; ``summary.json``, each written atomically (files.py).
+On ``--resume`` rank 0 reads the run folder and hands the seed log to the other ranks, so no shared file system is
+needed. The seed log is the checkpoint (batches are a function of (seed, step), z of the global element indices), so
+a run may resume on another world size, under another ``--shard``, and in another folder (a copy of the run's).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -18,14 +21,20 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import data_parallel as distributed
+from . import sharding
 from .config import TrainConfig
+from .files import read_jsonl, write_text
 from ..tasks import objectives
 from ..optim.seedlog import SeedLogWriter, read_log
 
 __all__ = ["Run"]
 
-# settings a resumed run may change; a linear schedule depends on the step count, a constant one does not
-_FREE_ON_RESUME = ("resume", "eval_every", "prefix_reuse", "max_minutes")
+# settings a resumed run may change (none of them changes a logged step's bits, as the seed log replays on any
+# layout); a linear schedule depends on the step count, a constant one does not
+_FREE_ON_RESUME = ("resume", "eval_every", "prefix_reuse", "max_minutes", "output_dir", "shard", "world_size")
+# where the data lives may change too (a run folder copied to another machine), as long as the examples a run
+# samples its batches and its selection from are the same: ``data_digest`` compares them instead of the paths
+_DATA_PATHS = ("data_dir", "train_file", "eval_file", "test_file")
 
 
 class Run:
@@ -34,7 +43,8 @@ class Run:
     only)."""
 
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, progress: bool = True) -> None:
-        self.cfg, self.info, self.config = cfg, info, dataclasses.asdict(cfg)
+        self.cfg, self.info = cfg, info
+        self.config = {**dataclasses.asdict(cfg), "world_size": info.world_size}
         self.out = Path(cfg.output_dir)
         self.multi, self.main = info.world_size > 1, info.rank == 0
         self.progress = progress and self.main
@@ -45,7 +55,7 @@ class Run:
         self._bar: Any = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        if self.multi:
+        if self.multi and cfg.shard != "tp":       # tensor parallel: every rank runs the whole batch
             distributed.rank_slice(range(cfg.batch_size), 0, info.world_size)   # refuse an uneven split up front
 
     @classmethod
@@ -53,10 +63,13 @@ class Run:
     def start(cls, cfg: TrainConfig, progress: bool = True, ddp: bool | None = None) -> Iterator["Run"]:
         """The run of this process: joins torchrun's process group when launched with WORLD_SIZE > 1 (``ddp``
         None) and leaves it at the end if it joined it; ``ddp=False`` ignores the torchrun environment. Settings
-        that cannot run on that many processes are refused here, before joining or loading anything."""
+        that cannot run on that many processes are refused here, before joining or loading anything (``--shard tp``
+        reads the model's config for its head counts)."""
         owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         use_ddp = distributed.env_world_size() > 1 if ddp is None else ddp
-        cfg.check_world_size(distributed.env_world_size() if use_ddp else 1)
+        world = distributed.env_world_size() if use_ddp else 1
+        cfg.check_world_size(world)
+        sharding.check_model(cfg.model, cfg.shard, world)
         info = distributed.init_from_env() if use_ddp else distributed.DistInfo(0, 1, 0, None)
         try:
             yield cls(cfg, info, progress)
@@ -79,20 +92,28 @@ class Run:
     # ------------------------------------------------------------------------------------------ set-up
     def loss_fn(self, objective: Callable, kind: str, params: Sequence[tuple[str, torch.Tensor]]
                 ) -> Callable[[Any, Sequence], float]:
-        """``loss(model, batch) -> float``: the objective reduced with ``kind`` in one process; data parallel,
-        each rank's slice with the per-example rows exchanged (after checking the replicas are identical)."""
+        """``loss(model, batch) -> float``, the same bits on every rank: the objective reduced with ``kind`` in one
+        process; data parallel (``--shard none|fsdp``), each rank's slice with the per-example rows exchanged;
+        tensor parallel, the whole batch on every rank and rank 0's value. The replicated trainable weights are
+        checked to be identical first (a sharded one is each rank's own part)."""
         if not self.multi:
             return objectives.scalar_objective(objective, kind)
-        distributed.check_replicas([p for _, p in params], "initial trainable weights")
-        loss = distributed.DataParallelLoss(objective, objectives.Reduction(kind))
+        distributed.check_replicas([p for _, p in params if not sharding.is_sharded(p)], "initial trainable weights")
+        if self.cfg.shard == "tp":
+            loss: Any = distributed.BroadcastLoss(objectives.scalar_objective(objective, kind))
+        else:
+            loss = distributed.DataParallelLoss(objective, objectives.Reduction(kind))
         self.comm = loss.stats
         return loss
 
-    def begin(self, opt: Any, best: Any = None) -> bool:
+    def begin(self, opt: Any, best: Any = None, data_digest: str | None = None) -> bool:
         """Resume (replay the seed log onto the weights, on every rank) or start afresh, then open the run files.
         ``best`` (a ``selection.BestWeights``, for ``select_on``): on resume it learns the earlier selection-split
         evaluations, and the replay stops at the best one's step for it to copy the weights there.
-        Returns whether the run resumed."""
+        ``data_digest`` (:func:`examples_digest` of the train and dev examples) is recorded in ``config.json``;
+        a resume with the same digest may read the data from other paths. Returns whether the run resumed."""
+        if data_digest is not None:
+            self.config["data_digest"] = data_digest
         resumed, records, evals, error = False, [], [], None
         if self.main:
             try:
@@ -117,12 +138,13 @@ class Run:
             return resumed
         if resumed:
             _truncate_jsonl(self.metrics_path, opt.step_count)
+            _truncate_jsonl(self.evals_path, None)           # a torn last line must not swallow the next record
         else:
             for p in (self.metrics_path, self.evals_path):
                 p.unlink(missing_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+        write_text(self.out / "config.json", json.dumps(self.config, indent=1))
         extra = {"model": self.cfg.model, "task": self.cfg.task,
-                 **({"world_size": self.info.world_size} if self.multi else {})}
+                 **({"world_size": self.info.world_size, "shard": self.cfg.shard} if self.multi else {})}
         self._writer = SeedLogWriter(str(self.log_path), opt.config(), extra, resume=resumed)
         return resumed
 
@@ -132,6 +154,8 @@ class Run:
             return False, []
         old = json.loads((self.out / "config.json").read_text())
         free = _FREE_ON_RESUME + (("steps",) if self.cfg.schedule == "constant" else ())
+        # a run logged before digests existed keeps its paths; one with a digest keeps its examples
+        free += _DATA_PATHS if "data_digest" in old and "data_digest" in self.config else ("data_digest",)
         changed = {k for k in self.config if k not in free and old.get(k) != self.config[k]}
         if changed:
             raise ValueError(f"--resume with different settings than the logged run: {sorted(changed)}")
@@ -141,15 +165,8 @@ class Run:
     def _earlier_evals(self, records: Sequence[dict]) -> list[dict]:
         """The selection-split evaluations of the logged run that the seed log covers."""
         done = 1 + max((int(r["step"]) for r in records), default=-1)
-        if not self.evals_path.exists():
-            return []
-        out = []
-        for ln in self.evals_path.read_text().splitlines():
-            if ln.strip():
-                ev = json.loads(ln)
-                if ev.get("split") == self.cfg.eval_split and 0 < ev.get("step", 0) <= done:
-                    out.append(ev)
-        return out
+        return [ev for ev in read_jsonl(self.evals_path)
+                if ev.get("split") == self.cfg.eval_split and 0 < ev.get("step", 0) <= done]
 
     # ------------------------------------------------------------------------------------------ the loop
     @contextlib.contextmanager
@@ -218,7 +235,8 @@ class Run:
         if self.comm is not None:
             n = max(1, summary["steps"] - self._first_step)        # a resume replays the rest
             c = self.comm.since(self._comm_start)
-            summary["distributed"] = {"world_size": self.info.world_size, "backend": self.info.backend,
+            summary["distributed"] = {"world_size": self.info.world_size, "shard": self.cfg.shard,
+                                      "backend": self.info.backend,
                                       "bytes_out_per_step": c.bytes_out / n, "bytes_in_per_step": c.bytes_in / n,
                                       "comm_seconds_per_step": c.seconds / n, "steps_timed": n}
         if not self.main:
@@ -227,12 +245,13 @@ class Run:
         save(self.out)
         from .plots import plot_curves
         plot_curves(str(self.metrics_path), str(self.evals_path), str(self.out / "curves.png"))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text(self.out / "summary.json", json.dumps(summary, indent=1))
         after = summary["after"]
         print(f"after: {self._split_name()} accuracy {after['accuracy']:.4f} (n={after['n']})", flush=True)
         if "forward" in summary:
             f = summary["forward"]
-            why = f" (plain forward: {f['fallback']})" if f["fallback"] else ""
+            why = "" if not f["fallback"] else f" ({f['fallback']})" if "plain forward" in f["fallback"] else \
+                f" (plain forward: {f['fallback']})"
             print(f"forward engine: attention {', '.join(f['attention'])}; token-layer work saved "
                   f"{100 * f['saved_fraction']:.1f}%, frozen-layer hits {f['frozen_hits']}, eval-cache hits "
                   f"{f['prefix_cache_hits']}/{f['prefix_cache_lookups']}{why}", flush=True)
@@ -245,13 +264,23 @@ class Run:
         return f"{self.cfg.task} {self.cfg.final_split}" + (" (= GLUE dev set)" if glue else "")
 
 
+def examples_digest(*splits: Sequence[Any]) -> str:
+    """sha256 of the examples of ``splits`` (records with ``text_a``, ``text_b``, ``label``), in order."""
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(b"\x1e")
+        for ex in split:
+            h.update(json.dumps([ex.text_a, ex.text_b, ex.label], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
 def _append(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
-def _truncate_jsonl(path: Path, n: int) -> None:
-    """Keep the first ``n`` records (the steps the seed log holds) of a metrics file from a killed run."""
+def _truncate_jsonl(path: Path, n: int | None) -> None:
+    """Keep the first ``n`` records (None: all; metrics: the steps the seed log holds) of a log from a killed run,
+    a torn line dropped, atomically."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()][:n]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path)[:n]))

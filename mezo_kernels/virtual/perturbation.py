@@ -32,6 +32,7 @@ from torch import nn
 from .. import _compat, rng
 from . import state as weight_state
 from ..perturb import ParamSet
+from .sharded import Wrapped, materialise
 from .slices import perturbed_rows, sliced_forward
 
 __all__ = ["VirtualPerturbation"]
@@ -48,17 +49,21 @@ class VirtualPerturbation:
         slice_bytes: an ``nn.Linear`` weight larger than this (bytes) is materialised in blocks of output rows of
             half this size; an ``nn.Embedding`` (without ``max_norm``) always gathers its tokens' rows (module
             docstring). None: every tensor whole.
+        wrapped: parameters held by their module as a wrapper (a tensor-parallel DTensor) whose local runs are
+            entries of the sets (``virtual.sharded``); they are materialised whole, never in slices.
 
     Attributes (statistics): ``copies`` (materialisations so far), ``live_bytes`` (transient buffers alive now),
     ``peak_bytes`` (their largest total since construction or :meth:`reset_peak`), ``unreached`` (names of the
     tensors that no forward materialised during the last ``perturbed`` block).
     """
 
-    def __init__(self, model: nn.Module, param_sets: Sequence[ParamSet], slice_bytes: int | None = 64 * 2**20):
+    def __init__(self, model: nn.Module, param_sets: Sequence[ParamSet], slice_bytes: int | None = 64 * 2**20,
+                 wrapped: Sequence[Wrapped] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (the modules that own the parameters), got "
                             f"{type(model).__name__}")
-        self.param_sets = list(param_sets)
+        self.param_sets, self._wrapped = list(param_sets), list(wrapped)
+        by_param = {id(w.param): k for k, w in enumerate(self._wrapped)}
         where: dict[int, tuple[int, int]] = {}               # data_ptr -> (set, index in the set)
         for si, ps in enumerate(self.param_sets):
             for ti, t in enumerate(ps.tensors):
@@ -70,7 +75,12 @@ class VirtualPerturbation:
         for module in model.modules():
             own = []
             for name, p in module.named_parameters(recurse=False):
-                hit = where.get(p.data_ptr()) if p.numel() else None
+                k = by_param.get(id(p))
+                if k is not None:                 # set -1: wrapped parameter k
+                    own.append((name, -1, k))
+                    found.update((si, ti) for si, ti, _ in self._wrapped[k].runs)
+                    continue
+                hit = where.get(p.data_ptr()) if p.numel() and not _compat.is_dtensor(p) else None
                 if hit is not None:
                     if p.shape != self.param_sets[hit[0]].tensors[hit[1]].shape:
                         raise ValueError(f"{type(module).__name__}.{name} shares storage with "
@@ -100,7 +110,7 @@ class VirtualPerturbation:
         # the slicing threshold) are allocated only while their module runs, so the arena never holds them
         cap = (slice_bytes or 0) // 2
         for _, own in self._hooked:
-            need = sum(_aligned(self.param_sets[si].tensors[ti]) for _, si, ti in own)
+            need = sum(self._bytes(si, ti) for _, si, ti in own)
             if need <= cap:
                 self._arena_need = max(self._arena_need, need)
         self._active: tuple[int, float] | None = None
@@ -163,7 +173,7 @@ class VirtualPerturbation:
     def _slicer(self, module: nn.Module, own: list[tuple[str, int, int]], slice_bytes: int | None):
         """The sliced forward of ``module`` when its weight is large and the module type allows it, else None."""
         hit = {name: (si, ti) for name, si, ti in own}
-        if slice_bytes is None or "weight" not in hit:
+        if slice_bytes is None or "weight" not in hit or any(si < 0 for _, si, _ in own):
             return None
         si, ti = hit["weight"]
         theta = self.param_sets[si].tensors[ti]
@@ -230,10 +240,15 @@ class VirtualPerturbation:
             return
         seed, offset = self._active
         for name, si, ti in self._entries(module):
-            theta = self.param_sets[si].tensors[ti]
-            buf = self.param_sets[si].perturbed_copy(seed, offset, ti, out=self._alloc(theta.shape, theta))
+            if si < 0:
+                w = self._wrapped[ti]
+                buf = materialise(self.param_sets, w, seed, offset, self._alloc(w.local.shape, w.local))
+                self._reached.update((s_, t_) for s_, t_, _ in w.runs)
+            else:
+                theta = self.param_sets[si].tensors[ti]
+                buf = self.param_sets[si].perturbed_copy(seed, offset, ti, out=self._alloc(theta.shape, theta))
+                self._reached.add((si, ti))
             self._swapped[(mid, name)] = (module, _compat.swap_parameter(module, name, buf))
-            self._reached.add((si, ti))
 
     def _post(self, module: nn.Module, args, output):
         mid = id(module)
@@ -262,12 +277,16 @@ class VirtualPerturbation:
             self._put_back(mid, name)
 
 
-def _aligned(t: torch.Tensor) -> int:
-    return -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    def _bytes(self, si: int, ti: int) -> int:
+        """Arena bytes of entry (set ``si``, index ``ti``), or of wrapped parameter ``ti`` when ``si`` is -1."""
+        n = self._wrapped[ti].nbytes() if si < 0 else \
+            self.param_sets[si].tensors[ti].numel() * self.param_sets[si].tensors[ti].element_size()
+        return -(-n // _ALIGN) * _ALIGN
 
 
 def _in(output, arena: torch.Tensor) -> bool:
     """Whether ``output`` (a tensor, or a tuple/list holding tensors) lives in ``arena``'s storage."""
     ptr = arena.untyped_storage().data_ptr()
     outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, (tuple, list)) else []
-    return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for o in outs)
+    # a tensor subclass (a DTensor, an async collective's result) is never a view of the arena
+    return any(type(o) is torch.Tensor and o.untyped_storage().data_ptr() == ptr for o in outs)
