@@ -116,3 +116,18 @@ def test_killed_rank_restarts_from_the_seed_log_and_ends_identical(dp_run, data_
     la = (out / "seeds.jsonl").read_text().splitlines()[1:]
     lb = (run / "seeds.jsonl").read_text().splitlines()[1:]
     assert la == lb
+
+
+def test_killed_rank_under_fsdp_restarts_and_ends_identical(data_dir, tmp_path):
+    """The same under ``--shard fsdp``: a rank lost at step 9 and restarted with ``--resume`` ends on the bits of an
+    uninterrupted FSDP2 run (the same layout, so the same losses)."""
+    ref = tmp_path / "ref"
+    _torchrun("-m", "mezo_kernels", *_args(data_dir, ref, "--shard", "fsdp"))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    run, mark = tmp_path / "run", tmp_path / "killed"
+    _torchrun(str(script), *_args(data_dir, run, "--shard", "fsdp", "--resume"), restarts=1, KILL_MARK=str(mark))
+    assert mark.exists()
+    a, b = _adapter(ref), _adapter(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ref / "seeds.jsonl").read_text().splitlines()[1:] == (run / "seeds.jsonl").read_text().splitlines()[1:]

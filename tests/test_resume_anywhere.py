@@ -76,12 +76,13 @@ def test_two_ranks_resume_on_one(data_dir, tmp_path, single):
     assert cfg["world_size"] == 1 and cfg["shard"] == "none"
 
 
-def test_one_process_resumes_on_two_ranks(data_dir, tmp_path, single, single_half):
-    """One process for HALF steps, the folder copied, resumed by 2 ranks under FSDP2: the ranks replay the log onto
-    their shards, and their adapter is what one process replays from the whole log."""
-    moved = tmp_path / "two"
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_process_resumes_on_more_ranks(data_dir, tmp_path, single, single_half, world):
+    """One process for HALF steps, the folder copied, resumed by 2 or 4 ranks under FSDP2: the ranks replay the log
+    onto their shards, and their adapter is what one process replays from the whole log."""
+    moved = tmp_path / "more"
     shutil.copytree(single_half, moved)
-    torchrun("-m", "mezo_kernels", *train_args(data_dir, moved, "--shard", "fsdp", "--resume"))
+    torchrun("-m", "mezo_kernels", *train_args(data_dir, moved, "--shard", "fsdp", "--resume"), world=world)
     assert records(moved)[:HALF] == records(single_half)
     assert same(replayed(moved, tmp_path / "replayed"), weights(moved, "adapter"))
     assert max_diff(weights(moved, "adapter"), weights(single, "adapter")) <= WEIGHT_ATOL
