@@ -18,8 +18,10 @@ run without selection would report).
     .venv/bin/python bench/bench_quality.py --method mezo-lora --lr 1e-3 --seed 0 --step-seconds 1.81 \\
         --budgets-min 5 10 --data-dir ../shared/data --out bench/out/quality/runs.jsonl
 
-Methods: ``zeroshot``, ``mezo-lora``, ``mezo-full``, ``bp-lora``, ``bp-full`` (LoRA r=8, alpha 16 on q/v, as the
-demo). ``--distribution``, ``--n-directions``, ``--eps`` and ``--objective`` give the MeZO ablations.
+Methods: ``zeroshot``, ``icl``, ``mezo-lora``, ``mezo-full``, ``bp-lora``, ``bp-full`` (LoRA r=8, alpha 16 on q/v, as
+the demo). ``--distribution``, ``--n-directions``, ``--eps`` and ``--objective`` give the MeZO ablations. ``icl``
+trains nothing: ``--icl-k`` train demonstrations (balanced, seeded; mezo_kernels/tasks/icl.py) before every prompt,
+evaluated like ``zeroshot`` (one row at budget 0, with the prompt's ``icl`` facts and the engine's ``forward`` stats).
 """
 from __future__ import annotations
 
@@ -34,21 +36,24 @@ from pathlib import Path
 import torch
 
 from mezo_kernels.tasks import data, objectives
+from mezo_kernels.tasks.icl import icl_objective
 from mezo_kernels.optim import MeZO
 from mezo_kernels.train.selection import BestWeights
 from mezo_kernels.train.config import TrainConfig
 from mezo_kernels.train.loop import batch_for, build, evaluate
 
-METHODS = ("zeroshot", "mezo-lora", "mezo-full", "bp-lora", "bp-full")
+METHODS = ("zeroshot", "icl", "mezo-lora", "mezo-full", "bp-lora", "bp-full")
 
 
 def setup(a: argparse.Namespace, method: str):
     """(model, objective, trainable params, splits) for ``method`` with the demo's model and LoRA settings."""
     cfg = TrainConfig(task=a.task, model=a.model, data_dir=a.data_dir, k=a.k, seed=a.seed,
-                      lora=not method.endswith("full"), max_length=a.max_length,
-                      prefix_reuse=method.startswith("mezo") or method == "zeroshot")
+                      lora=not method.endswith("full") and method != "icl", max_length=a.max_length,
+                      prefix_reuse=method.startswith("mezo") or method in ("zeroshot", "icl"))
     splits = data.load_task_splits(cfg.task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed)
-    model, _, _, obj, params = build(cfg)
+    model, _, task, obj, params = build(cfg)
+    if method == "icl":                 # the base model, K train demonstrations before every prompt
+        obj = icl_objective(obj, task, splits.train, a.icl_k, a.seed, a.icl_max_length, model=model)
     return model, obj, params, splits
 
 
@@ -108,6 +113,12 @@ def run(a: argparse.Namespace) -> list[dict]:
         dev = evaluate(model, obj, splits.dev, a.eval_batch_size)
         return [dict(base, budget_min=0, seconds=0, fe=0, steps=0, dev=dev,
                      test=evaluate(model, obj, test, a.eval_batch_size))]
+    if method == "icl":
+        info = {**obj.info(), **obj.check_fits([*splits.dev, *test])}
+        dev = evaluate(model, obj, splits.dev, a.eval_batch_size)
+        res = evaluate(model, obj, test, a.eval_batch_size)
+        return [dict(base, budget_min=0, seconds=0, fe=0, steps=0, dev=dev, test=res, icl=info,
+                     forward=obj.engine.stats.as_dict())]
     learner = Learner(a, method, model, obj, params)
     best = BestWeights(params)
     budgets = sorted(a.budgets_min)
@@ -148,7 +159,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     rows = []
     for method in a.method:
         model, obj, params, splits = setup(a, method)
-        learner = Learner(a, method, model, obj, params) if method != "zeroshot" else None
+        learner = Learner(a, method, model, obj, params) if method not in ("zeroshot", "icl") else None
         fwd, stepped = [], []
         for i in range(a.measure_steps + 1):
             batch = batch_for(splits.train, i, a.seed, a.batch_size)
@@ -192,6 +203,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     p.add_argument("--objective", default="ce", choices=["ce", "neg_accuracy"])
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--icl-k", type=int, default=16, help="icl: demonstrations in total, balanced over the classes")
+    p.add_argument("--icl-max-length", type=int, default=None,
+                   help="icl: token bound of a row (demonstrations + prompt + candidate; default: the model's context)")
     p.add_argument("--budgets-min", type=float, nargs="+", default=[5.0, 15.0])
     p.add_argument("--step-seconds", type=float, default=None, help="quiet-machine seconds per step of this "
                    "method (--measure's step_s)")
@@ -208,7 +222,7 @@ def parse(argv=None) -> argparse.Namespace:
     if not a.measure:
         if len(a.method) != 1:
             p.error("training takes one --method per call")
-        if a.method[0] != "zeroshot" and not (a.step_seconds and a.step_seconds > 0):
+        if a.method[0] not in ("zeroshot", "icl") and not (a.step_seconds and a.step_seconds > 0):
             p.error("--step-seconds (> 0) turns minutes into steps: take it from --measure on a quiet machine")
     return a
 

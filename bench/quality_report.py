@@ -80,12 +80,21 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
+# methods without training (no lr, no budget): one row at budget 0, quoted at every budget
+UNTRAINED = ("zeroshot", "icl")
+
+
+def method_of(r: dict) -> str:
+    """The row's method as the tables name it: ICL rows apart by their number of demonstrations."""
+    return f"icl K={r['icl']['k']}" if r["method"] == "icl" and "icl" in r else r["method"]
+
+
 def main_table(rows: list[dict]) -> str:
     """Accuracy on the reported split (mean ± std over seeds) per (task, k, method, lr) and budget."""
     cells: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if is_main(r):
-            cells[(task_of(r), r["k"], r["method"], r["lr"] if r["method"] != "zeroshot" else None)][
+            cells[(task_of(r), r["k"], method_of(r), r["lr"] if r["method"] not in UNTRAINED else None)][
                 r["budget_min"]].append(r)
     budgets = sorted({b for c in cells.values() for b in c if b > 0})
     head = "| task | k | method | lr | " + " | ".join(f"{b:g} min: acc % (steps, FE)" for b in budgets) + " | seeds |"
@@ -93,7 +102,7 @@ def main_table(rows: list[dict]) -> str:
     for key in sorted(cells, key=lambda t: (t[0], t[1], t[2], t[3] or 0)):
         task, k, method, lr = key
         by_b = cells[key]
-        if method == "zeroshot":
+        if lr is None:                            # an untrained method: its budget-0 row at every budget
             rs = by_b[0]
             vals = [_ms([r["test"]["accuracy"] for r in rs])] * len(budgets)
             seeds = len({r["seed"] for r in rs})
@@ -137,7 +146,7 @@ def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = Non
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    have = sorted({task_of(r) for r in rows if r["k"] == k and r["method"] != "zeroshot"})
+    have = sorted({task_of(r) for r in rows if r["k"] == k and r["method"] not in UNTRAINED})
     tasks = [t for t in tasks if t in have] if tasks else have
     if not tasks:
         raise ValueError(f"no trained runs with k={k} to plot")

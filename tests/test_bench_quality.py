@@ -122,3 +122,17 @@ def test_eval_best_scores_the_kept_weights_and_puts_the_current_ones_back():
     out = bq.eval_best(best, [w], None, None, [], 0, evaluate=lambda *a: seen.append(w.detach().clone()) or {"x": 1})
     assert out == {"x": 1} and torch.equal(seen[0], torch.tensor([1.0, 2.0]))
     assert torch.equal(w.detach(), torch.tensor([11.0, 12.0]))
+
+
+def test_icl_rows_are_untrained_and_kept_apart_by_k():
+    """ICL rows (budget 0, no lr) are quoted at every budget like zero-shot, one table row per K."""
+    def row(method, acc, budget=0, lr=None, seed=0, **kw):
+        return {"task": "sst2", "k": 16, "method": method, "lr": lr, "budget_min": budget, "seed": seed,
+                "objective": "ce", "distribution": "gaussian", "n_directions": 1, "eps": 1e-2, "steps": 5, "fe": 10,
+                "test": {"accuracy": acc}, "dev": {"accuracy": acc}, **kw}
+    rows = [row("zeroshot", 0.5), row("icl", 0.6, icl={"k": 4}), row("icl", 0.7, icl={"k": 16}),
+            row("mezo-lora", 0.8, budget=5, lr=1e-3)]
+    table = qr.main_table(rows)
+    icl4 = next(line for line in table.splitlines() if "icl K=4" in line)
+    icl16 = next(line for line in table.splitlines() if "icl K=16" in line)
+    assert "60.0" in icl4 and "70.0" in icl16 and "–" not in icl4 + icl16

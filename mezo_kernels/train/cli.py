@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="a peft adapter folder (e.g. runs/demo/adapter)")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--icl", type=int, default=0, metavar="K",
+                   help="in-context learning (causal LMs): K train demonstrations, balanced over the classes and "
+                        "seeded by --seed, before every prompt (0: none)")
+    e.add_argument("--icl-max-length", type=int, default=None,
+                   help="token bound of an ICL row (demonstrations + prompt + candidate; default: the model's "
+                        "context); a row that does not fit is an error saying how many demonstrations fit")
     r = sub.add_parser("replay", help="rebuild a run's adapter or model from its initial weights and seeds.jsonl "
                                       "(one process, whatever --shard and world size the run had)")
     r.add_argument("--run", required=True, help="the run's output dir (config.json, seeds.jsonl)")
@@ -149,12 +155,20 @@ def _eval(a) -> int:
                                    eval_file=a.eval_file, test_file=a.test_file)
     if not getattr(splits, a.split):
         raise ValueError(f"split {a.split!r} is empty: train and dev are sampled from --train-file")
+    if a.icl < 0 or (a.icl == 0 and a.icl_max_length is not None):
+        raise ValueError("--icl K takes K >= 1 demonstrations" if a.icl < 0 else "--icl-max-length needs --icl K")
     model, _, _, obj, _ = build(cfg, adapter=a.adapter, task=task)
     ex = data.subsample(getattr(splits, a.split), a.eval_max, a.seed)
+    icl = {}
+    if a.icl:                               # ICL: the same K train demonstrations before every prompt (tasks/icl.py)
+        from ..tasks.icl import icl_objective
+        obj = icl_objective(obj, task, splits.train, a.icl, a.seed, a.icl_max_length, model=model)
+        icl = {"icl": {**obj.info(), **obj.check_fits(ex)}}
     res = evaluate(model, obj, ex, a.batch_size)
     engine = getattr(obj, "engine", None)
     fwd = {"forward": engine.stats.as_dict()} if engine is not None else {}
-    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter, **res, **fwd}))
+    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter, **res, **icl,
+                      **fwd}))
     return 0
 
 
