@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 try:
     from accelerate.utils import send_to_device
@@ -19,7 +20,9 @@ except ImportError as e:   # without the hf extra: say which extra to install
     from .._extras import import_error_message
     raise ImportError(import_error_message(e, "mezo_kernels.hf")) from None
 
+from .. import _compat
 from ..optim import MeZO, StepResult
+from ..optim.distributed import fsdp_modules
 
 __all__ = ["MeZOHooks", "TrainerMeZO"]
 
@@ -34,24 +37,63 @@ class TrainerMeZO(MeZO):
         return super().step(closure, micro_batches)
 
 
+def _fsdp_version(args) -> int | None:
+    """The FSDP version ``args`` asks accelerate for, None without ``fsdp=``; 0 when ``fsdp_config`` does not say
+    (MeZO takes FSDP2 only, and asks for it explicitly rather than rely on the Trainer's default)."""
+    if not getattr(args, "fsdp", None):
+        return None
+    cfg = getattr(args, "fsdp_config", None) or {}
+    return int(cfg.get("version", cfg.get("fsdp_version", 0)))
+
+
 def _unsupported(args) -> str | None:
     """Why ``args`` cannot train with MeZO, or None."""
     if getattr(args, "deepspeed", None):
-        return ("DeepSpeed owns the optimizer step and partitions the weights (ZeRO); MeZO perturbs and updates "
-                "whole local tensors in place with its own step. Drop `deepspeed=`")
-    if getattr(args, "fsdp", None):
-        return ("FSDP shards and flattens the weights and reduces gradients; MeZO needs each full tensor on one "
-                "device and has no gradients. Drop `fsdp=`")
+        return ("DeepSpeed owns the optimizer step and partitions the weights into its own flat buffers (ZeRO), "
+                "which MeZO can neither see nor perturb in place: its engine wraps a gradient optimizer, and MeZO "
+                "has no gradients. Drop `deepspeed=`; for sharded weights use FSDP2 (`fully_shard`, or fsdp= with "
+                "fsdp_config={'version': 2})")
+    if _fsdp_version(args) not in (None, 2):
+        return ("FSDP1 flattens the weights into FlatParameters and reduces gradients; MeZO works on FSDP2's "
+                "per-parameter DTensor shards. Pass fsdp_config={'version': 2} (explicitly), or apply `fully_shard` "
+                "to the model yourself and drop fsdp=")
     if getattr(args, "fp16", False):
         return ("fp16=True makes the Trainer scale the loss with a GradScaler that expects gradients, and MeZO has "
                 "none (the scaler would find no inf checks and fail). Use bf16=True, or load the model in "
                 "float16 with fp16=False: MeZO updates fp16 weights itself (stochastic rounding, or fp32 masters "
                 "with perturb='inplace')")
-    if getattr(args, "world_size", 1) > 1:
-        return ("with several processes each one would estimate its own projected gradient on its own batch and "
-                "the replicas would drift apart; MeZO data parallelism exchanges the losses instead "
-                "(mezo_kernels.distributed, `torchrun ... mezo-kernels train`)")
     return None
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _skip_ddp(accelerator) -> None:
+    """Make ``accelerator`` prepare models without the DDP wrapper (its ``evaluation_mode``: device placement,
+    autocast and compile only). MeZO never calls backward, so DDP would only cost gradient buckets as large as the
+    trainable weights and a buffer broadcast per forward (and it refuses FSDP2's DTensor parameters); the ranks stay
+    in step through MeZO's loss all-reduce instead."""
+    if getattr(accelerator, "_mezo_no_ddp", False):
+        return
+    prepare_model = accelerator.prepare_model
+
+    def no_ddp(model, device_placement=None, evaluation_mode=False):
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+    accelerator.prepare_model = no_ddp
+    accelerator._mezo_no_ddp = True
+
+
+def _broadcast_plain(model: torch.nn.Module) -> None:
+    """Copy rank 0's plain (non-DTensor) parameters and buffers to every rank, as DDP's constructor does, so the
+    replicas start equal (e.g. a LoRA adapter initialised without a common seed). DTensor shards are the sharding
+    owner's business."""
+    from torch.distributed.tensor import DTensor
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if not isinstance(t, DTensor) and not isinstance(getattr(t, "data", None), DTensor):
+                dist.broadcast(t.data, src=0)
 
 
 class MeZOHooks:
@@ -100,10 +142,22 @@ class MeZOHooks:
         """Check the built ``trainer`` (its final args, accelerate's plugins, something to train) and take its
         seed when no ``mezo_seed`` was given."""
         why = _unsupported(trainer.args)
-        if why is None and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-            why = "accelerate is configured for DeepSpeed/FSDP, which own the optimizer step and shard the weights"
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if why is None and trainer.is_deepspeed_enabled:
+            why = "accelerate is configured for DeepSpeed, which owns the optimizer step and partitions the weights"
+        elif why is None and plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            why = "accelerate is configured for FSDP1, which flattens the weights; MeZO needs FSDP2 (fsdp_version 2)"
         if why:
             raise ValueError(f"{self.owner}: {why}.")
+        save = getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)
+        if plugin is None and save != "no" and _compat.fsdp_modules(trainer.model):
+            raise ValueError(f"{self.owner}: the Trainer's checkpoints cannot hold a model you wrapped with "
+                             "`fully_shard` yourself: it writes the weights from rank 0 alone, while gathering the "
+                             "DTensor shards takes every rank (the run would hang or abort at the first save). Pass "
+                             "save_strategy='no' and save with torch.distributed.checkpoint (or full_tensor() on "
+                             "every rank) yourself, or let accelerate apply FSDP2 (fsdp=, fsdp_config={'version': 2})")
+        if trainer.accelerator.num_processes > 1 and plugin is None:
+            _skip_ddp(trainer.accelerator)           # data parallel through MeZO's loss all-reduce, not DDP
         if not any(p.requires_grad for p in trainer.model.parameters()):
             raise ValueError(f"{self.owner}: no parameter of the model requires grad, so MeZO has nothing to train "
                              "(set requires_grad on the trainable ones, e.g. with peft)")
@@ -115,13 +169,48 @@ class MeZOHooks:
         ``weight_decay`` with HF's no-decay names), made once."""
         if trainer.optimizer is None:
             opt_model = trainer.model if model is None else model
-            decay = set(trainer.get_decay_parameter_names(opt_model))
-            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-            trainer.optimizer = TrainerMeZO(named, lr=trainer.args.learning_rate,
-                                            weight_decay=trainer.args.weight_decay,
-                                            no_decay=[n for n, _ in named if n not in decay], model=opt_model,
-                                            **self.settings)
+            if _world() > 1:
+                _broadcast_plain(opt_model)
+            trainer.optimizer = self._build(trainer, opt_model)
         return trainer.optimizer
+
+    def _build(self, trainer, opt_model) -> TrainerMeZO:
+        fsdp_modules(opt_model, "inplace")            # FSDP2: read the registered (sharded) parameters
+        decay = set(trainer.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        self.built = [p for _, p in named]
+        return TrainerMeZO(named, lr=trainer.args.learning_rate, weight_decay=trainer.args.weight_decay,
+                           no_decay=[n for n, _ in named if n not in decay], model=opt_model, **self.settings)
+
+    def check_params(self, trainer) -> None:
+        """Once per optimizer and ``train()`` call, at its first training step: are the tensors it was built on still the model's
+        parameters? Accelerate's FSDP2 (``fsdp=`` with version 2) shards the model after ``create_optimizer`` and
+        replaces every parameter by a new DTensor: MeZO, which holds the old tensors, is then rebuilt on the new
+        ones before its first step; after a step (a resumed run) that cannot be done, and it is an error."""
+        opt = self.optimizer_of(trainer)
+        checked = getattr(self, "checked", None)
+        if checked is not None and checked[0] is opt and checked[1] is trainer.state:
+            return
+        fsdp_modules(trainer.model, "inplace")
+        live = {id(p) for p in trainer.model.parameters()}
+        lost = [p for p in getattr(self, "built", []) if id(p) not in live]
+        if lost:
+            if opt.step_count > 0:
+                raise RuntimeError(
+                    f"{self.owner}: {len(lost)} of the {len(self.built)} tensors the MeZO optimizer was built on are "
+                    "no longer parameters of the model: something (accelerate's FSDP2 preparation, fsdp=...) "
+                    "replaced them after the optimizer was built and after it had stepped or loaded a checkpoint, "
+                    "so MeZO would perturb and update tensors the forward never reads. Apply `fully_shard` to the "
+                    "model yourself before building the trainer (and drop fsdp=)")
+            new = self._build(trainer, trainer.model)
+            for g_new, g_old in zip(new.param_groups, opt.param_groups):
+                g_new.update({k: v for k, v in g_old.items() if k not in ("params", "param_names")})
+            holder = trainer
+            while holder.optimizer is not opt:
+                holder = holder.optimizer
+            holder.optimizer = new
+            opt = new
+        self.checked = (opt, trainer.state)
 
     @staticmethod
     def optimizer_of(trainer) -> TrainerMeZO:
@@ -147,6 +236,7 @@ class MeZOHooks:
         if not trainer.accelerator.sync_gradients:   # more micro-batches of this cycle to come
             return torch.zeros((), device=device)
         cycle, self.cycle = self.cycle, []
+        self.check_params(trainer)
         model.train()
         for m in model.modules():                    # dropout off below the root: both passes see one function
             if m is not model and m is not trainer.model:

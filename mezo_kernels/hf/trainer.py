@@ -11,7 +11,8 @@ hold and delegate to); its loop, scheduler, logging, evaluation, callbacks and c
   own ``optimizer.step()`` afterwards is a no-op; with no gradients, its clipping and ``zero_grad`` do nothing.
 
 Checkpoints carry the optimizer's state dict (replay log, config, fp32 masters), so a resumed run ends bit-identical
-to an uninterrupted one. Logs gain ``projected_grad`` (mean g since the last log), ``zero_grad_rate`` and ``skipped``
+to an uninterrupted one. Under ``torchrun`` / ``accelerate launch`` the ranks train data-parallel without a DDP
+wrapper: MeZO averages the losses over the ranks, so all take the same step (``docs/hf.md``, "Several processes"). Logs gain ``projected_grad`` (mean g since the last log), ``zero_grad_rate`` and ``skipped``
 (steps whose losses were not finite, weights unchanged).
 
 Prompt objectives (``objectives.CausalLMObjective`` / ``MaskedLMObjective``, called on batches of
