@@ -21,7 +21,7 @@ GROUPS = [
     ("Summary", ["Summary"]),
     ("Quality", ["demo-sst2-smollm2", "quality-smollm2", "hf-trainer-sst2-smollm2"]),
     ("Step time", ["step-cpu", "step-cpu-perturb"]),
-    ("Memory", ["step-cpu-perturb-1b"]),
+    ("Memory", ["step-cpu-perturb-1b", "scale-cpu"]),
     ("Kernels", ["perturb-cpu", "drift", "codegen-sm90", "cpu-under-load"]),
     ("Forward engine", ["forward-cpu"]),
     ("GPU", ["perturb-gpu", "perturb-cuda", "step-gpu", "step-cuda", "forward-gpu", "forward-cuda"]),
