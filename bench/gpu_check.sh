@@ -55,6 +55,14 @@ stage backends 30 "$PY" -c "import mezo_kernels as mk, torch; print(mk.backends(
 stage tests 150 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" tests
 stage perturb 120 "$PY" bench/bench_perturb.py --device cuda --out "$OUT_DIR" --results "$RESULTS"
 stage step 120 "$PY" bench/bench_step.py --device cuda --quick --out "$OUT_DIR/step" --results "$RESULTS"
+# 2 GPUs: FSDP2-sharded MeZO over NCCL equals one device bit for bit (bench/multi_gpu_check.py); else skipped, saying so
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${NGPU:-0}" -ge 2 ]; then
+  stage nccl 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 bench/multi_gpu_check.py --device cuda
+else
+  echo "== nccl: skipped, this machine has ${NGPU:-0} GPU(s); the 2-GPU NCCL stage needs 2"
+  SUMMARY+=("$(printf '%-10s %-8s %6s  %s' nccl "skipped" "0s" "needs 2 GPUs, found ${NGPU:-0}")")
+fi
 
 echo
 echo "== summary ($(($(date +%s) - T0))s of ${BUDGET_S}s; output in $OUT_DIR)"

@@ -194,3 +194,10 @@ def test_tp_lora_run_matches_one_process(data_dir, tmp_path, single_lora):
     a = weights(tmp_path, "adapter")
     b = load_file(str(tmp_path / "replayed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_multi_gpu_check_script_passes_on_the_cpu(tmp_path):
+    """bench/multi_gpu_check.py (gpu_check.sh's 2-GPU NCCL stage) run with gloo: FSDP2 = one device, bit for bit."""
+    out = torchrun(str(ROOT / "bench" / "multi_gpu_check.py"), "--device", "cpu", "--steps", "2")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(r["ok"] and r["weights_bit_identical"] for r in rows)
