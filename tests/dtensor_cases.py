@@ -28,6 +28,13 @@ def spawn(fn, world: int, *args) -> None:
     mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
 
 
+def spawn_results(tmp_path_factory, name: str, fn, world: int):
+    """Run ``fn(rank, world, out)`` on ``world`` processes (rank 0 saves its results to ``out``) and load them."""
+    out = tmp_path_factory.mktemp(name) / "res.pt"
+    spawn(fn, world, str(out))
+    return torch.load(out, weights_only=False)
+
+
 def _entry(rank, fn, world, port, args):
     torch.set_num_threads(1)
     os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtensor_cases import (HYPER, MODES, X, equal_states, fixed_losses, full_state, loss_of, perturbed_full, shard,
-                           spawn, stack, train_fixed)
+                           spawn_results, stack, train_fixed)
 from mezo_kernels.optim import MeZO, replay
 from mezo_kernels.perturb import ParamSet
 
@@ -138,9 +138,7 @@ def _worker(rank, world, out):
 
 @pytest.fixture(scope="module")
 def got(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dtensor") / "res.pt"
-    spawn(_worker, 2, str(out))
-    return torch.load(out, weights_only=False)
+    return spawn_results(tmp_path_factory, "dtensor", _worker, 2)
 
 
 def _single(dtype=torch.float32, **kw):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dtensor_cases import (HYPER, MODES, equal_states, fixed_losses, full_state, loss_of, perturbed_full, shard,
-                           spawn, stack, train_fixed)
+                           spawn_results, stack, train_fixed)
 from mezo_kernels import _compat
 from mezo_kernels.optim import MeZO, replay
 from mezo_kernels.perturb import ParamSet
@@ -47,9 +47,7 @@ def _worker_2d(rank, world, out):
 
 @pytest.fixture(scope="module")
 def got_2d(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dtensor2d") / "res.pt"
-    spawn(_worker_2d, 4, str(out))
-    return torch.load(out, weights_only=False)
+    return spawn_results(tmp_path_factory, "dtensor2d", _worker_2d, 4)
 
 
 def test_2d_mesh_z_and_weights_are_the_single_process_bits(got_2d):
@@ -146,9 +144,7 @@ def _worker_llama(rank, world, out):
 
 @pytest.fixture(scope="module")
 def got_llama(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dtensor_llama") / "res.pt"
-    spawn(_worker_llama, 2, str(out))
-    return torch.load(out, weights_only=False)
+    return spawn_results(tmp_path_factory, "dtensor_llama", _worker_llama, 2)
 
 
 def test_tiny_llama_fsdp2_same_batch_is_bit_exact(got_llama):

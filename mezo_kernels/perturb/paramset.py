@@ -190,14 +190,19 @@ class ParamSet:
     def perturb_(self, seed: int, offset: float) -> "ParamSet":
         """Make the weights theta + offset*z(seed). Offsets are absolute: +eps then -eps is the MeZO pair."""
         seed = self._prepare(seed)
-        cur = 0.0
-        if self._active is not None:
-            if self._active[0] != seed:
-                raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}: restore_() first")
-            cur = self._active[1]
+        cur = self._offset_for(seed, ": restore_() first")
         self._run(seed, (1.0, float(offset) - cur), (1.0, 0.0, float(offset)), KernelMode.MASTER_VIEW)
         self._active = (seed, float(offset))
         return self
+
+    def _offset_for(self, seed: int, hint: str) -> float:
+        """The active offset when the set is perturbed by ``seed`` (0.0 when not perturbed); RuntimeError when it
+        is perturbed by another seed (``hint`` ends the message)."""
+        if self._active is None:
+            return 0.0
+        if self._active[0] != seed:
+            raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}{hint}")
+        return self._active[1]
 
     def restore_(self) -> "ParamSet":
         """Undo the active perturbation (bit-exact in exact mode). A no-op when none is active."""
@@ -211,11 +216,7 @@ class ParamSet:
     def restore_update_(self, seed: int, lr: float, grad: float, weight_decay: float = 0.0) -> "ParamSet":
         """One fused pass: restore theta, then theta <- (1 - lr*wd)*theta - lr*grad*z(seed)."""
         seed = self._prepare(seed)
-        cur = 0.0
-        if self._active is not None:
-            if self._active[0] != seed:
-                raise RuntimeError(f"perturbed by seed {self._active[0]}, not {seed}")
-            cur = self._active[1]
+        cur = self._offset_for(seed, "")
         alpha = 1.0 - float(lr) * float(weight_decay)
         step = -float(lr) * float(grad)
         self._run(seed, (alpha, -alpha * cur + step), (alpha, step, 0.0), KernelMode.MASTER_UPDATE)
