@@ -10,6 +10,11 @@ Philox call per 128 elements instead of per 4); the sign-vs-gaussian ratio of ea
 Usage:  python bench/bench_perturb.py [--device cpu|cuda] [--reps N] [--results bench/RESULTS.md] [--quick]
 Writes bench/out/perturb_<device>.csv and replaces the matching section of RESULTS.md (``--quick``: two sets,
 5 reps, bench/out/perturb_<device>_quick.csv only, RESULTS.md untouched).
+
+``--method mezo-lowrank [--ranks 1,4,16] [--models ...]``: instead, the fused low-rank update pass (issue 21) on
+every 2-d weight of SmolLM2-135M (fp32, bf16) and the 1B Llama / OPT-1.3B shapes (bf16) against a copy of the same
+bytes timed in the same run (``bench/lowrank_pass.py``); writes bench/out/perturb_lowrank_<device>.csv and the
+block ``perturb-lowrank-<device>`` of RESULTS.md.
 """
 from __future__ import annotations
 
@@ -101,6 +106,37 @@ def step_bytes(ps: mk.ParamSet) -> int:
     return total
 
 
+def lowrank_main(args, device: torch.device) -> None:
+    """``--method mezo-lowrank``: the update pass against a copy of the same bytes (module docstring)."""
+    import lowrank_pass
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    models = args.models.split(",") if args.models else list(lowrank_pass.MODELS)
+    rows = []
+    for name in models:
+        for dtype in ((torch.float32, torch.bfloat16) if name == "smollm2-135m" else (torch.bfloat16,)):
+            got = lowrank_pass.measure(name, dtype, ranks, args.reps, device, args.backends or "auto")
+            print(lowrank_pass.table(got), flush=True)
+            rows += got
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, f"perturb_lowrank_{device.type}.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(); w.writerows(rows)
+    backend = mk.kernels.choose_lowrank(args.backends or "auto", device)
+    head = (f"Command: `python bench/bench_perturb.py --device {device.type} --method mezo-lowrank --reps {args.reps}"
+            f" --ranks {args.ranks}`  \n"
+            f"Device: {device_label(device.type)}; backend `{backend}`; torch {torch.__version__}; "
+            f"date {datetime.date.today()}; load average at the end {os.getloadavg()[0]:.1f}  \n"
+            f"One update pass = `lowrank_update_` on every 2-d weight (lr {LR}, g {G}, weight decay "
+            f"{lowrank_pass.WD}; bf16 rounded stochastically, fp32 to nearest); the copy moves the same bytes "
+            f"(the weights are views of one buffer: one `dst.copy_(src)`) in the same run, each rep timing the copy "
+            "then one pass per rank. Times: "
+            f"median of {args.reps} reps (spread min..max); share of copy bandwidth = copy median / pass median, "
+            "per-rep share = min..max of copy/pass within a rep.\n\n")
+    replace_section(args.results, f"perturb-lowrank-{device.type}", head + lowrank_pass.table(rows))
+    print(f"wrote {csv_path} and block perturb-lowrank-{device.type} of {args.results}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +148,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     ap.add_argument("--distributions", default="gaussian,rademacher", help="comma-separated direction streams")
     ap.add_argument("--quick", action="store_true", help="two sets, 5 reps, no RESULTS.md update")
+    ap.add_argument("--method", choices=["fused", "mezo-lowrank"], default="fused",
+                    help="fused: the 3-pass step on the tensor sets; mezo-lowrank: the low-rank update pass")
+    ap.add_argument("--ranks", default="1,4,16", help="mezo-lowrank: lowrank_r values")
+    ap.add_argument("--models", default="", help="mezo-lowrank: comma-separated subset of "
+                    "smollm2-135m, llama-1b-rand, opt-1.3b-rand")
     args = ap.parse_args(argv)
+    if args.method == "mezo-lowrank":
+        return lowrank_main(args, torch.device(args.device))
     dists = args.distributions.split(",")
     if args.quick:
         args.reps = min(args.reps, 5)

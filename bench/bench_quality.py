@@ -40,18 +40,22 @@ from mezo_kernels.tasks.icl import icl_objective
 from mezo_kernels.optim import MeZO
 from mezo_kernels.train.selection import BestWeights
 from mezo_kernels.train.config import TrainConfig
+from mezo_kernels.train.dtype import DEFAULT as DEFAULT_DTYPE, DTYPES, load_model
 from mezo_kernels.train.loop import batch_for, build, evaluate
 
-METHODS = ("zeroshot", "icl", "mezo-lora", "mezo-full", "bp-lora", "bp-full")
+METHODS = ("zeroshot", "icl", "mezo-lora", "mezo-prefix", "mezo-full", "bp-lora", "bp-full")
 
 
 def setup(a: argparse.Namespace, method: str):
     """(model, objective, trainable params, splits) for ``method`` with the demo's model and LoRA settings."""
     cfg = TrainConfig(task=a.task, model=a.model, data_dir=a.data_dir, k=a.k, seed=a.seed,
                       lora=not method.endswith("full") and method != "icl", max_length=a.max_length,
-                      prefix_reuse=method.startswith("mezo") or method in ("zeroshot", "icl"))
+                      prefix_reuse=method.startswith("mezo") or method in ("zeroshot", "icl"), dtype=a.dtype,
+                      prefix_tokens=a.prefix_tokens if method == "mezo-prefix" else None)
     splits = data.load_task_splits(cfg.task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed)
-    model, _, task, obj, params = build(cfg)
+    *loaded, choice = load_model(cfg.model, cfg.dtype, seed=cfg.seed, seq=cfg.max_length)   # auto: decided here
+    a.dtype_ran = choice.dtype                                   # what the rows record
+    model, _, task, obj, params = build(cfg, loaded=loaded)
     if method == "icl":                 # the base model, K train demonstrations before every prompt
         obj = icl_objective(obj, task, splits.train, a.icl_k, a.seed, a.icl_max_length, model=model)
     return model, obj, params, splits
@@ -65,7 +69,8 @@ class Learner:
         self.tensors = [p for _, p in params]
         if method.startswith("mezo"):
             self.opt = MeZO(params, lr=a.lr, eps=a.eps, seed=a.seed, n_directions=a.n_directions, model=model,
-                            distribution=a.distribution)
+                            distribution=a.distribution,
+                            lowrank_r=a.lowrank_r if a.distribution == "lowrank" else None)
             self.loss = objectives.scalar_objective(obj, a.objective)
         else:
             self.opt = torch.optim.AdamW(self.tensors, lr=a.lr, weight_decay=0.0)
@@ -107,7 +112,9 @@ def run(a: argparse.Namespace) -> list[dict]:
     base = {"method": method, "task": a.task, "k": a.k, "seed": a.seed, "lr": a.lr, "eps": a.eps,
             "batch_size": a.batch_size, "max_length": a.max_length, "objective": a.objective,
             "distribution": a.distribution, "n_directions": a.n_directions, "step_seconds": a.step_seconds,
-            "sec_per_fe": a.sec_per_fe,
+            **({"lowrank_r": a.lowrank_r} if a.distribution == "lowrank" else {}),
+            **({"prefix_tokens": a.prefix_tokens} if method == "mezo-prefix" else {}),
+            "sec_per_fe": a.sec_per_fe, "dtype": a.dtype_ran,
             "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine()}
     if method == "zeroshot":
         dev = evaluate(model, obj, splits.dev, a.eval_batch_size)
@@ -175,7 +182,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
                 stepped.append(t2 - t1)
         f = statistics.median(fwd)
         row = {"method": method, "task": a.task, "batch_size": a.batch_size, "threads": torch.get_num_threads(),
-               "fwd_s": round(f, 4), "fwd_spread": [round(min(fwd), 4), round(max(fwd), 4)],
+               "dtype": a.dtype_ran, "fwd_s": round(f, 4), "fwd_spread": [round(min(fwd), 4), round(max(fwd), 4)],
                "date": time.strftime("%Y-%m-%d")}
         if learner is not None:
             s = statistics.median(stepped)
@@ -200,9 +207,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-directions", type=int, default=1)
-    p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
+    p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher", "lowrank"])
+    p.add_argument("--lowrank-r", type=int, default=1, help="--distribution lowrank: the rank r")
+    p.add_argument("--prefix-tokens", type=int, default=5, help="mezo-prefix: learned prefix tokens")
     p.add_argument("--objective", default="ce", choices=["ce", "neg_accuracy"])
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES,
+                   help="compute dtype (as mezo-kernels train --dtype; auto decided once per run, the rows record "
+                        "the one that ran); default %(default)s")
     p.add_argument("--icl-k", type=int, default=16, help="icl: demonstrations in total, balanced over the classes")
     p.add_argument("--icl-max-length", type=int, default=None,
                    help="icl: token bound of a row (demonstrations + prompt + candidate; default: the model's context)")

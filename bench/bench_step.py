@@ -35,7 +35,7 @@ import step_report  # noqa: E402
 from bench_perturb import device_label  # noqa: E402
 from results import replace_section  # noqa: E402
 from step_models import MODELS  # noqa: E402
-from step_worker import DEVICES, LORA_ONLY, LOW_PRECISION_ONLY, METHODS, MODES  # noqa: E402
+from step_worker import DEVICES, LORA_ONLY, LOW_PRECISION_ONLY, LOWRANK, METHODS, MODES  # noqa: E402
 from step_report import METHOD_ALIASES, canonical  # noqa: E402
 
 QUICK_DIR = "quick"                  # --quick without --results/--out writes under <default out>/quick/
@@ -44,7 +44,7 @@ QUICK_DIR = "quick"                  # --quick without --results/--out writes un
 def methods_for(mode: str, dtype: str) -> tuple[str, ...]:
     """The grid's methods of one configuration: the LoRA-only ones in mode lora, the no-master in-place path in
     bf16/fp16 only (in fp32 there are no masters: it is mezo-inplace-master)."""
-    return tuple(m for m in METHODS if (mode == "lora" or m not in LORA_ONLY)
+    return tuple(m for m in METHODS if m not in LOWRANK and (mode == "lora" or m not in LORA_ONLY)
                  and (dtype != "fp32" or m not in LOW_PRECISION_ONLY))
 
 
@@ -113,6 +113,20 @@ def to_row(res: dict) -> dict:
     return row
 
 
+def auto_line(rows: list[dict], device: str) -> str:
+    """What ``--dtype auto`` picks for each model of the grid on this machine: its rule (``dtype.choose``: the CPU's
+    bf16 flags, bf16 at most 0.8 x the fp32 time; bf16 on a GPU) applied to the grid's own fp32 and bf16 inference
+    rows of the same model and shape (the plain model: mode full, else lora). '' where no model has both."""
+    from mezo_kernels.train.dtype import choose
+    ms: dict = {}
+    for r in sorted(rows, key=lambda r: r["mode"] != "full"):          # full-mode rows first
+        if r["method"] == "inference" and r["status"] == "ok" and r["dtype"] in ("fp32", "bf16"):
+            ms.setdefault((r["model"], r["batch"], r["seq"]), {}).setdefault(r["dtype"], float(r["median_ms"]))
+    picks = [f"{m} {b}x{q}: {choose('auto', device, lambda t=t: (t['fp32'] / 1e3, t['bf16'] / 1e3)).reason}"
+             for (m, b, q), t in ms.items() if len(t) == 2]
+    return f"`--dtype auto` here, from the inference rows: {'; '.join(picks)}.\n\n" if picks else ""
+
+
 def section(rows: list[dict], device: str, command: str, wall_s: float) -> str:
     import torch
     import transformers
@@ -136,7 +150,7 @@ def section(rows: list[dict], device: str, command: str, wall_s: float) -> str:
             "LoRA only: `mezo-batched` = `step_batched`, L+ and L- from one forward of 2B rows, `mezo-n4` / "
             "`mezo-batched-n4` = 4 directions, virtual, sequential (8 forwards of B rows) / one forward of 8B rows. "
             "llama-1b-rand / opt-1.3b-rand: random weights, real architectures (bench/step_models.py).\n\n"
-            + step_report.result_table(rows)
+            + auto_line(rows, device) + step_report.result_table(rows)
             + "\nRatios per configuration (✓/✗: target met/missed; definitions in bench/step_report.py):\n\n"
             + step_report.ratio_tables(rs, device) + "\nTargets:\n\n" + step_report.target_summary(rs, device)
             + f"\n![step time, {device}](step_time_{device}.png)\n![peak memory, {device}](step_memory_{device}.png)\n")

@@ -197,6 +197,27 @@ def cuda_kernel_variant(mangled: str) -> tuple[str, int, str] | None:
     return {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}[dt.group(1)], int(ints[1]), CUDA_DISTS[int(ints[0])]
 
 
+def cuda_lowrank_variant(mangled: str) -> tuple[str, str, int] | None:
+    """(dtype, rounding, R) of a ``lowrank_kernel<D, SR, R>`` instantiation (csrc/cuda/lowrank.cu; R = 0: the rank
+    at run time) from its mangled name; None for other kernels."""
+    if "lowrank_kernel" not in mangled:
+        return None
+    dt, sr, rank = re.search(r"(BF16|F16|F32)", mangled), re.search(r"Lb([01])E", mangled), re.search(r"Li(\d+)E",
+                                                                                                      mangled)
+    if not (dt and sr and rank):
+        raise ValueError(f"cannot tell the dtype/rounding/rank of CUDA kernel {mangled}: update cuda_lowrank_variant()")
+    return ({"F32": "fp32", "F16": "fp16", "BF16": "bf16"}[dt.group(1)], ("nearest", "stochastic")[int(sr.group(1))],
+            int(rank.group(1)))
+
+
+FP64_OPS = ("DFMA", "DMUL", "DADD")   # the float64 pipe (64 lanes per SM on sm_80/sm_90: half the fp32 rate)
+
+
+def _is_cvt64(i: sass.Instr) -> bool:
+    """A conversion from or to a 64-bit type (16 per clock per SM on sm_80/sm_90: 1/8 of the fp32 rate)."""
+    return i.base in ("F2F", "I2F", "F2I") and "64" in i.op
+
+
 # A mangled anonymous namespace carries a hash of its file ("41_GLOBAL__N__babb01cd_9_stream_cu_6ae2e126"): drop it,
 # so that bound keys survive edits of the file.
 _ANON = re.compile(r"\d+_GLOBAL__N__[0-9a-f]+_\d+_\w+?_[0-9a-f]{8}(?=\d)")
@@ -228,10 +249,20 @@ def cuda_report(arch: int) -> dict[str, dict]:
             funcs, usage = disassemble(cubin)
             for name, fn in funcs.items():
                 u = usage.get(name, {})
-                v = cuda_kernel_variant(name)
-                s = summarize(fn, u, v[0], v[1]) if v else {"regs": u.get("REG"), "stack": u.get("STACK", 0),
-                                                            "local": u.get("LOCAL", 0)}
-                key = f"mode{v[1]}/{v[0]}/{v[2]}" if v else f"{os.path.basename(cu)}:{_ANON.sub('', name)}"
+                v, lr = cuda_kernel_variant(name), cuda_lowrank_variant(name)
+                if lr:   # the low-rank update: AXPBY / AXPBY_SR traffic, plus its float64 work on the hot path
+                    s = summarize(fn, u, lr[0], 5 if lr[1] == "stochastic" else 0)
+                    path = sass.hot_path(fn)
+                    s.update(fp64_insts=sum(1 for i in path if i.base in FP64_OPS),
+                             cvt64_insts=sum(1 for i in path if _is_cvt64(i)))
+                elif v:
+                    s = summarize(fn, u, v[0], v[1])
+                else:
+                    s = {"regs": u.get("REG"), "stack": u.get("STACK", 0), "local": u.get("LOCAL", 0)}
+                    if "factors_kernel" in name:   # the low-rank pre-pass: priced by its hot path per counter
+                        s["path_insts"] = len(sass.hot_path(fn))
+                key = (f"lowrank/{lr[0]}/{lr[1]}/r{lr[2]}" if lr else f"mode{v[1]}/{v[0]}/{v[2]}" if v
+                       else f"{os.path.basename(cu)}:{_ANON.sub('', name)}")
                 res[key] = {**s, "file": os.path.basename(cu), "mangled": name}
     _write_json(done, res)
     return res

@@ -9,6 +9,7 @@ instruction counts from ``bench/codegen.py`` (compiled ahead of time for sm_90, 
 bound: it assumes one instruction issued per scheduler per clock and peak HBM bandwidth.
 
     python bench/codegen_predict.py            # markdown table on stdout
+    python bench/codegen_predict.py --lowrank [--results bench/RESULTS.md]   # the low-rank update pass (issue 21)
 """
 from __future__ import annotations
 
@@ -58,7 +59,74 @@ def _insts(kind: str, dtype: str, dist: str) -> dict[int, float] | None:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ low-rank update
+# The fused low-rank update pass (csrc/cuda/lowrank.cu, issue 21), per 2-d tensor (m, n) at rank r: the update kernel
+# over the 64 x 64 tiles (every thread of a partial tile computes) takes the largest of four ceilings -- HBM bytes
+# (W read + written, plus the float64 factor scratch written once and read once), issue (hot-path instructions per
+# element), the float64 pipe (64 lanes per SM per clock on H100/H200: DMUL/DFMA per element) and the 64-bit
+# conversion pipe (16 per SM per clock) -- and the pre-pass adds its hot path per Philox counter (r (m + n) / 4 of
+# them) at the issue rate. The share is the copy time of W's bytes over that total. Launch latency is not modelled
+# (two launches per tensor).
+FP64_LANES, CVT64_LANES, TILE = 64, 16, 64
+LOWRANK_CASES = (("fp32", "nearest"), ("bf16", "stochastic"))
+
+
+def lowrank_share(shapes, r: int, dtype: str, rounding: str, rep: dict, gpu: str) -> tuple[float, str]:
+    """(predicted share of copy bandwidth of one update pass over ``shapes``, the ceiling that binds most often)."""
+    sms, ghz, tbs = GPUS[gpu]
+    clk, bw = sms * ghz * 1e9, tbs * 1e12
+    s = rep[f"lowrank/{dtype}/{rounding}/r{r}"]
+    pre = next(v["path_insts"] for k, v in rep.items() if "factors_kernel" in k)
+    copy = total = 0.0
+    binds: dict[str, int] = {}
+    for m, n in shapes:
+        mp, np_ = -(-m // TILE) * TILE, -(-n // TILE) * TILE
+        w_bytes = 2 * _SIZE[dtype] * m * n
+        ceilings = {"memory": (w_bytes + 2 * 8 * r * (mp + np_)) / bw,
+                    "issue": s["per_elem"] * mp * np_ / (clk * 128),
+                    "fp64": s["fp64_insts"] / s["elements"] * mp * np_ / (clk * FP64_LANES),
+                    "cvt64": s["cvt64_insts"] / s["elements"] * mp * np_ / (clk * CVT64_LANES)}
+        top = max(ceilings, key=ceilings.get)
+        binds[top] = binds.get(top, 0) + 1
+        copy += w_bytes / bw
+        total += ceilings[top] + pre * r * (m + n) / 4 / (clk * 128)
+    return copy / total, max(binds, key=binds.get)
+
+
+def lowrank_table() -> str:
+    """Markdown: the predicted H100/H200 share of one update pass per model, dtype and rank (sm_90 SASS counts)."""
+    import lowrank_pass
+    from mezo_kernels.rng.lowrank import uses_lowrank
+    rep = codegen.cuda_report(90)
+    out = ["| model | dtype (rounding) | r | SASS insts / element | fp64 insts / element | H100 | H200 | bound by (most "
+           "tensors, H100) |", "|---|---|---|---|---|---|---|---|"]
+    for model in lowrank_pass.MODELS:
+        shapes = [s for s in lowrank_pass.model_shapes(model) if len(s) == 2]
+        for dtype, rounding in LOWRANK_CASES:
+            for r in (1, 4, 16):
+                sel = [s for s in shapes if uses_lowrank(s, r)]
+                e = rep[f"lowrank/{dtype}/{rounding}/r{r}"]
+                h100, bound = lowrank_share(sel, r, dtype, rounding, rep, "H100")
+                h200, _ = lowrank_share(sel, r, dtype, rounding, rep, "H200")
+                out.append(f"| {model} | {dtype} ({rounding}) | {r} | {e['per_elem']} | "
+                           f"{e['fp64_insts'] / e['elements']:g} | {100 * h100:.0f}% | {100 * h200:.0f}% | {bound} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
+    if "--lowrank" in sys.argv[1:]:
+        table = lowrank_table()
+        print(table)
+        if "--results" in sys.argv[1:]:
+            from results import replace_section
+            path = sys.argv[sys.argv.index("--results") + 1]
+            head = (f"Command: `python bench/codegen_predict.py --lowrank --results bench/RESULTS.md` (nvcc "
+                    f"{codegen.nvcc_version()}, sm_90 SASS, no GPU). One update pass over every 2-d weight of the "
+                    "model; the model in `bench/codegen_predict.py` (`lowrank_share`). Predictions, not "
+                    "measurements.\n\n")
+            replace_section(path, "codegen-lowrank", head + table)
+            print(f"wrote block codegen-lowrank of {path}")
+        return
     print("| step | kernel | H100 | H200 |\n|---|---|---|---|")
     for step, passes in STEPS.items():
         dtype = "fp32" if step.startswith("fp32") else "bf16"

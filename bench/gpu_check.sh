@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run of under 8 minutes: build the CUDA extension, the gpu-marked tests,
-# the perturbation benchmark and a short step benchmark. For a machine with torch, Triton, transformers, nvcc,
+# Everything that needs a GPU, in one run of under 8 minutes: build the CUDA extension, the gpu-marked tests (the
+# low-rank CUDA kernel against the reference among them), the perturbation benchmark, a short step benchmark and the
+# low-rank update pass. For a machine with torch, Triton, transformers, nvcc,
 # cmake/ninja/pybind11 already installed and no internet (the build uses --no-build-isolation --no-deps).
 #
 # Usage: bash bench/gpu_check.sh            output under $OUT if set, else bench/out/gpu
@@ -55,6 +56,10 @@ stage backends 30 "$PY" -c "import mezo_kernels as mk, torch; print(mk.backends(
 stage tests 150 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" tests
 stage perturb 120 "$PY" bench/bench_perturb.py --device cuda --out "$OUT_DIR" --results "$RESULTS"
 stage step 120 "$PY" bench/bench_step.py --device cuda --quick --out "$OUT_DIR/step" --results "$RESULTS"
+# the fused low-rank update pass (issue 21) against a copy of the same bytes; its correctness is in the tests stage
+# (tests/test_lowrank_cuda.py: the CUDA kernel against the reference and Triton, bit for bit)
+stage lowrank 90 "$PY" bench/bench_perturb.py --device cuda --method mezo-lowrank --reps 5 --out "$OUT_DIR" \
+  --results "$RESULTS"
 # 2 GPUs: FSDP2-sharded MeZO over NCCL equals one device bit for bit (bench/multi_gpu_check.py); else skipped, saying so
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "${NGPU:-0}" -ge 2 ]; then

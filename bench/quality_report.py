@@ -42,9 +42,10 @@ def _cell(r: dict, method: str, task: str, k: int) -> bool:
 
 
 def is_main(r: dict) -> bool:
-    """Rows of the main comparison (CE, Gaussian, one direction; the method's default eps)."""
+    """Rows of the main comparison (CE, Gaussian or low-rank directions -- ``method_of`` keeps those apart --, one
+    direction; the method's default eps)."""
     eps_default = 1e-3 if r["method"] == "mezo-full" else 1e-2
-    return (r["objective"] == "ce" and r["distribution"] == "gaussian" and r["n_directions"] == 1
+    return (r["objective"] == "ce" and r["distribution"] in ("gaussian", "lowrank") and r["n_directions"] == 1
             and (not r["method"].startswith("mezo") or r["eps"] == eps_default))
 
 
@@ -86,7 +87,11 @@ UNTRAINED = ("zeroshot", "icl")
 
 def method_of(r: dict) -> str:
     """The row's method as the tables name it: ICL rows apart by their number of demonstrations."""
-    return f"icl K={r['icl']['k']}" if r["method"] == "icl" and "icl" in r else r["method"]
+    if r["method"] == "icl" and "icl" in r:
+        return f"icl K={r['icl']['k']}"
+    if r.get("distribution") == "lowrank":          # low-rank directions apart by their rank
+        return f"{r['method']} lowrank r={r.get('lowrank_r', 1)}"
+    return r["method"]
 
 
 def main_table(rows: list[dict]) -> str:

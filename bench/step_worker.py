@@ -21,6 +21,10 @@ all on the same random token batch ``[batch, seq]`` (seeded), loss = the model's
   (``step_batched.py``: the same loss, computed from the logits of each row group).
 * ``mezo-n4`` / ``mezo-batched-n4`` (LoRA only): 4 directions per step, virtual, run one after the other (8
   forwards of B rows) / in one forward of 8B rows.
+* ``mezo-lowrank-r1`` / ``-r4`` / ``-r16``: ``MeZO(..., distribution="lowrank", lowrank_r=r, model=model)``
+  (virtual: nn.Linear / nn.Embedding add the rank-r term ``(x V) Uᵀ`` to their output, 1-d tensors are
+  materialised as in ``mezo-virtual``; the update is one fused low-rank pass per 2-d tensor, stochastic rounding
+  in bf16/fp16). Run by ``bench_lowrank.py``, not in ``bench_step.py``'s grid.
 * ``reference``: the reference MeZO loop (bench_perturb.reference_step's passes, with the forwards between them):
   +eps pass, forward, -2eps pass, forward, +eps pass, -lr*g pass; each pass is ``torch.manual_seed`` then, per
   tensor, ``torch.normal`` + ``p.data = p.data + scale * z``.
@@ -64,7 +68,9 @@ from step_measure import read_peak, reset_peak, rss, spread, time_steps  # noqa:
 from step_report import METHOD_ALIASES, canonical  # noqa: E402
 
 METHODS = ("inference", "mezo-inplace-master", "mezo-inplace-nomaster", "mezo-virtual", "mezo-batched", "mezo-n4",
-           "mezo-batched-n4", "reference", "backprop", "backprop-ckpt")
+           "mezo-batched-n4", "reference", "backprop", "backprop-ckpt", "mezo-lowrank-r1", "mezo-lowrank-r4",
+           "mezo-lowrank-r16")
+LOWRANK = ("mezo-lowrank-r1", "mezo-lowrank-r4", "mezo-lowrank-r16")    # bench_lowrank.py's; not in the step grid
 LORA_ONLY = ("mezo-batched", "mezo-n4", "mezo-batched-n4")      # batching ± is for adapters (grouped LoRA)
 LOW_PRECISION_ONLY = ("mezo-inplace-nomaster",)                  # in fp32 it is mezo-inplace-master
 N_DIRECTIONS = {"mezo-n4": 4, "mezo-batched-n4": 4}
@@ -172,6 +178,16 @@ def _make_step(method: str, s: Setup, c: dict) -> Callable[[], dict]:
         if method.startswith("mezo-batched"):
             from step_batched import batched_step
             return batched_step(s.model, s.ids, opt, on_forward=s.add_forward_time)
+
+        def step():
+            with torch.no_grad():
+                r = opt.step(lambda: float(s.loss()))
+            return {"loss": r.loss_plus, "loss_minus": r.loss_minus, "seed": r.seed, "g": r.grad}
+    elif method in LOWRANK:
+        from mezo_kernels.optim import MeZO
+        opt = MeZO(s.trainable, lr=lr, eps=eps, seed=c["seed"], model=s.model, distribution="lowrank",
+                   lowrank_r=int(method.rsplit("-r", 1)[1]))
+        s.optimizer = opt
 
         def step():
             with torch.no_grad():

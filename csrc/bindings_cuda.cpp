@@ -12,6 +12,7 @@
 
 #include "bindings_common.h"
 #include "cuda/launch.h"
+#include "cuda/lowrank.h"
 
 namespace py = pybind11;
 using namespace mezo::bind;
@@ -62,6 +63,38 @@ void randn4x(const py::int_& seed, const py::int_& k_start, int64_t n, uintptr_t
   raise_if(err, "randn4x");
 }
 
+// The fused low-rank update of one 2-d tensor (block) in place, asynchronous on `stream`: csrc/cuda/lowrank.h.
+void lowrank_update(uintptr_t w_ptr, int64_t m, int64_t n, int64_t row0, int64_t col0, int64_t M, int64_t N,
+                    int64_t r, int64_t base, int dtype, bool stochastic, const py::int_& seed_u,
+                    const py::int_& seed_v, double alpha, double beta, uintptr_t scratch_ptr, int64_t scratch_len,
+                    uintptr_t stream) {
+  const uint64_t su = to_seed(seed_u), sv = to_seed(seed_v);
+  check_lowrank(w_ptr, m, n, row0, col0, M, N, r, base, dtype);
+  if (r > mezo::cuda::kLowrankMaxRank)
+    throw py::value_error("lowrank_r must be <= " + str(mezo::cuda::kLowrankMaxRank) + " on CUDA, got " + str(r));
+  if (mezo::cuda::lowrank_tiles(m, n) > INT32_MAX)
+    throw py::value_error("the block (" + str(m) + ", " + str(n) + ") has too many 64 x 64 tiles for one launch");
+  const int64_t need = mezo::cuda::lowrank_scratch_doubles(m, n, r);
+  if (scratch_ptr == 0 || scratch_len < need)
+    throw py::value_error("scratch must hold lowrank_scratch(m, n, r) = " + str(need) + " float64 values, got " +
+                          (scratch_ptr == 0 ? std::string("a null pointer") : str(scratch_len)));
+  const mezo::cuda::LowrankLaunch job{reinterpret_cast<void*>(w_ptr), m, n, row0, col0, M, N, r, base, dtype,
+                                      stochastic, su, sv, static_cast<float>(alpha), static_cast<float>(beta),
+                                      reinterpret_cast<double*>(scratch_ptr), stream};
+  const char* err;
+  {
+    py::gil_scoped_release nogil;
+    err = mezo::cuda::launch_lowrank(job);
+  }
+  raise_if(err, "lowrank_update");
+}
+
+py::list cuda_features() {
+  py::list f = features();
+  f.append("op:lowrank_update");
+  return f;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -78,5 +111,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("chunk_size", [] { return mezo::cuda::kChunk; }, "Elements per chunk (4 quads of 4 elements per thread).");
   m.def("build_info", [] { return std::string(mezo::cuda::build_info()); }, "nvcc version, archs, chunk size.");
   m.def("spec_codes", &spec_codes, "The spec's constants, kernel modes, distributions and dtype codes compiled in.");
-  m.def("features", &features, "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>'.");
+  m.def("lowrank_update", &lowrank_update, py::arg("w_ptr"), py::arg("m"), py::arg("n"), py::arg("row0"),
+        py::arg("col0"), py::arg("M"), py::arg("N"), py::arg("r"), py::arg("base"), py::arg("dtype"),
+        py::arg("stochastic"), py::arg("seed_u"), py::arg("seed_v"), py::arg("alpha"), py::arg("beta"),
+        py::arg("scratch_ptr"), py::arg("scratch_len"), py::arg("stream") = 0,
+        "Fused low-rank update W <- round(fma(U V^T / sqrt(r), beta, alpha W)) of the m x n block at (row0, col0) "
+        "of an (M, N) tensor with base `base` (device pointer, contiguous block; csrc/cuda/lowrank.h), using "
+        "`scratch_len` >= lowrank_scratch(m, n, r) float64 values of device memory at scratch_ptr, on `stream`.");
+  m.def("lowrank_scratch", &mezo::cuda::lowrank_scratch_doubles, py::arg("m"), py::arg("n"), py::arg("r"),
+        "float64 values of scratch lowrank_update needs for an m x n block at rank r (U and V, padded to tiles).");
+  m.def("features", &cuda_features,
+        "What this build implements: 'dist', 'mode:<NAME>', 'dist:<name>', 'op:lowrank_update'.");
 }

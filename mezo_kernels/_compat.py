@@ -21,7 +21,7 @@ __all__ = ["CompatError", "param_version", "bump_version", "swap_parameter", "AT
            "LlamaParts", "llama_missing", "llama_parts", "apply_rope", "gguf_parse_once", "triton_interpreting",
            "triton_specialize", "LoraAdapter", "lora_adapters", "lora_delta_off", "is_dtensor", "DTensorBox",
            "dtensor_box", "placement_kind", "dtensor_from_local", "root_mesh", "fsdp_modules",
-           "fsdp_dp_mesh"]
+           "fsdp_dp_mesh", "PeftPrefix", "peft_prefix", "output_cache", "cache_kv", "attention_cache_kwarg"]
 
 
 class CompatError(RuntimeError):
@@ -400,6 +400,73 @@ def lora_delta_off(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for m, flag in saved:
             m._disable_adapters = flag
+
+
+# ---------------------------------------------------------------------------------------------- prefix tuning
+@dataclass(frozen=True)
+class PeftPrefix:
+    """The active, enabled prefix-tuning adapter of a peft model: ``encoder`` (the module owning ``weight``, the
+    learned prefix [P, layers * 2 * heads * head_dim]) run on ``tokens`` [1, P] gives the prefix the forward sees,
+    [1, P, layers * 2 * heads * head_dim]; ``dtype``: what peft casts it to before the attention (None: as is)."""
+
+    encoder: nn.Module
+    tokens: torch.Tensor
+    weight: torch.Tensor
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype | None
+
+
+def peft_prefix(model: nn.Module) -> PeftPrefix | None:
+    """:class:`PeftPrefix` of ``model`` when it is a peft model whose active adapter is prefix tuning and is not
+    disabled (``disable_adapter()`` blocks), else None. ValueError for a projected prefix (``prefix_projection``:
+    an MLP computes it, so the parameters are not the key/value vectors)."""
+    configs = getattr(model, "peft_config", None)
+    name = getattr(model, "active_adapter", None)
+    if not isinstance(configs, dict) or not isinstance(name, str) or name not in configs:
+        return None
+    cfg = configs[name]
+    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "PREFIX_TUNING" or getattr(model, "_adapters_disabled", False):
+        return None
+    if cfg.prefix_projection:
+        raise ValueError("prefix tuning with prefix_projection=True (a reparameterised prefix) is not supported: "
+                         "the learned key/value vectors must be the parameters")
+    encoder, n = model.prompt_encoder[name], cfg.num_virtual_tokens
+    tokens = model.prompt_tokens[name][:n].unsqueeze(0).to(encoder.embedding.weight.device)
+    return PeftPrefix(encoder, tokens, encoder.embedding.weight, cfg.num_layers, cfg.num_attention_heads,
+                      cfg.token_dim // cfg.num_attention_heads, model.base_model_torch_dtype)
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward with ``use_cache=True`` returned: the output's ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is a deprecated alias), else its ``past_key_values``; None when it returned none."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return out["cache"] if "cache" in keys else getattr(out, "past_key_values", None)
+
+
+def cache_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, heads, tokens, head_dim] of ``layer`` in a transformers ``DynamicCache`` (the
+    ``past_key_values`` of a forward with ``use_cache=True``): ``cache.layers[i]`` since transformers 4.56,
+    ``key_cache``/``value_cache`` lists before."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def attention_cache_kwarg(attention: nn.Module) -> str:
+    """The keyword under which a transformers self-attention module (``RobertaSelfAttention``, ...) takes a KV
+    cache, an object with ``update(key, value, layer_idx, ...) -> (keys, values)`` that it attends with instead of
+    its own ``key``/``value``: ``cache`` (transformers >= 5.2x), ``past_key_values`` or ``past_key_value`` before.
+    CompatError when its forward takes none of them."""
+    import inspect
+    params = inspect.signature(attention.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    raise CompatError(f"{type(attention).__name__}.forward takes no KV cache argument (looked for cache, "
+                      f"past_key_values, past_key_value); this transformers version is not supported for prefix "
+                      "tuning of masked LMs")
 
 
 # ---------------------------------------------------------------------------------------------- Triton

@@ -271,12 +271,10 @@ def lowrank_unsupported_reason(name: str, device: torch.device) -> str | None:
     why = unavailable_reason(name, device)
     if why is not None or name == "torch":
         return why
-    if name == "cpu":
-        feats = getattr(_REGISTRY["cpu"].module(), "features", lambda: [])()
+    if name in ("cpu", "cuda"):
+        feats = getattr(_REGISTRY[name].module(), "features", lambda: [])()
         return None if LOWRANK_FEATURE in feats else (
-            "mezo_kernels._C was built without the low-rank update; rebuild it (`pip install -e .`)")
-    if name == "cuda":
-        return "the CUDA extension has no low-rank update yet (use the triton backend on a GPU)"
+            f"{_REGISTRY[name].modname} was built without the low-rank update; rebuild it (`pip install -e .`)")
     mod = importlib.import_module("mezo_kernels.triton")      # triton: available, so importable
     return None if hasattr(mod, "lowrank_update") else "mezo_kernels.triton has no lowrank_update"
 

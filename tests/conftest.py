@@ -9,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("MEZO_BACKEND", None)  # the tests choose backends explicitly
+# `--dtype auto` times a forward of the model on a CPU with bf16 flags: pinned here (subprocesses inherit it) so that
+# every test that does not ask for a dtype computes in fp32 on any machine; tests/test_dtype_auto.py unpins it
+os.environ["MEZO_DTYPE_AUTO"] = "float32"
 # the tests never reach a hub: models are built from configs or shipped in a package, data read from folders; a hub
 # fallback tried here would wait out network time-outs on a machine without access (subprocesses inherit this)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

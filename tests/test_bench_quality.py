@@ -136,3 +136,15 @@ def test_icl_rows_are_untrained_and_kept_apart_by_k():
     icl4 = next(line for line in table.splitlines() if "icl K=4" in line)
     icl16 = next(line for line in table.splitlines() if "icl K=16" in line)
     assert "60.0" in icl4 and "70.0" in icl16 and "–" not in icl4 + icl16
+
+
+def test_prefix_and_lowrank_rows_run_and_the_tables_keep_them_apart(data):
+    rows = bq.run(args(data, "--method", "mezo-prefix", "--budgets-min", "0.1", "--lr", "1e-2",
+                       "--prefix-tokens", "3"))
+    assert rows[0]["prefix_tokens"] == 3 and rows[0]["steps"] == 3
+    low = [bq.run(args(data, "--method", "mezo-full", "--budgets-min", "0.1", "--distribution", "lowrank",
+                       "--lowrank-r", str(r), "--eps", "1e-3"))[0] for r in (1, 4)]
+    assert [r["lowrank_r"] for r in low] == [1, 4]
+    names = {qr.method_of(r) for r in rows + low}
+    assert names == {"mezo-prefix", "mezo-full lowrank r=1", "mezo-full lowrank r=4"}
+    assert all(qr.is_main(r) for r in rows + low)

@@ -4,7 +4,8 @@ checked at the SASS level (``bench/codegen.py`` compiles and summarizes, ``bench
 Triton (every variant ``axpby.launch`` can request): no local memory on the aligned hot path, every data byte of
 the aligned hot path moved by a 128-bit access, the seed a runtime argument, instructions per element and
 registers within ``tests/codegen_bounds.json``. CUDA (every kernel of ``csrc/cuda/*.cu``): no stack or local
-memory, registers and instructions per element within the bounds, and global-space accesses on the hot path.
+memory, registers and instructions per element within the bounds, and global-space accesses on the hot path; the low-rank
+update kernels besides: 16-byte W accesses and their float64 work per element as designed.
 
 The bounds are today's figures plus a small margin, recorded per Triton / nvcc version by
 ``python bench/codegen.py record``; rerun that after a kernel change that lowers them, and say so in the commit.
@@ -170,7 +171,7 @@ _CUDA_GRID = [(a, m, d, k) for a in ARCHS for m in CUDA_MODES for d in DTYPES fo
 
 
 def _axpby(rep: dict, arch: int) -> dict:
-    return {k: v for k, v in rep[arch].items() if "per_elem" in v}
+    return {k: v for k, v in rep[arch].items() if k.startswith("mode")}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -208,6 +209,40 @@ def test_cuda_hot_path_uses_global_space(cuda_rep, arch, mode, dtype, dist):
 def test_cuda_kernel_has_no_stack(cuda_rep, arch, mode, dtype, dist):
     s = cuda_rep[arch][f"mode{mode}/{dtype}/{dist}"]
     assert s["stack"] == 0, f"{s['stack']} bytes of stack"
+
+
+# ------------------------------------------------------------------------------------------------ CUDA low-rank update
+# csrc/cuda/lowrank.cu: lowrank_kernel<D, SR, R> for R = 1, 4, 16 (unrolled) and 0 (any rank: its k loop is counted
+# once); fp32 is never rounded stochastically
+LOWRANK_RANKS = (1, 4, 16, 0)
+_LR_GRID = [(a, d, rd, r) for a in ARCHS for d in DTYPES for rd in ("nearest", "stochastic") for r in LOWRANK_RANKS
+            if not (d == "fp32" and rd == "stochastic")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_lowrank_every_variant_compiled(cuda_rep, arch):
+    want = {f"lowrank/{d}/{rd}/r{r}" for a, d, rd, r in _LR_GRID if a == arch}
+    assert want == {k for k in cuda_rep[arch] if k.startswith("lowrank/")}
+    assert any("factors_kernel" in k for k in cuda_rep[arch]), "the low-rank pre-pass is missing"
+
+
+@pytest.mark.parametrize("arch,dtype,rounding,r", _LR_GRID)
+def test_cuda_lowrank_hot_path(cuda_rep, arch, dtype, rounding, r):
+    """No stack or local memory; W moved by 16-byte global LDG/STG (32 elements per thread); instructions per element
+    within the bound; and the float64 work as designed: one DMUL/DFMA per element and k,
+    no scaling by 1/sqrt(r) (folded into U by the pre-pass), and exactly one 64-bit conversion per element (the
+    rounding of the sum to fp32): the factors arrive as float64, so nothing converts them in the k loop."""
+    s = cuda_rep[arch][f"lowrank/{dtype}/{rounding}/r{r}"]
+    b = _bound("cuda", f"sm{arch}/lowrank/{dtype}/{rounding}/r{r}")
+    assert s["local"] == 0 and s["stack"] == 0 and s["hot_local_insts"] == 0, "stack, spills or local memory"
+    assert s["hot_generic"] == 0, f"{s['hot_generic']} generic LD/ST on the hot path"
+    assert s["elements"] == 32, s["elements"]
+    assert s["stored_128"] == s["stored_bytes"] and s["loaded_128"] == s["stored_bytes"], "W accesses under 16 bytes"
+    assert s["per_elem"] <= b["per_elem_max"], (s["per_elem"], b["per_elem_max"])
+    assert s["regs"] <= b["regs_max"], s["regs"]
+    # r = 0: the hot path is the shortest, r = 1 at run time (the k loop not entered)
+    assert s["fp64_insts"] == (r or 1) * s["elements"], f"{s['fp64_insts']} float64 instructions"
+    assert s["cvt64_insts"] == s["elements"], f"{s['cvt64_insts']} 64-bit conversions"
 
 
 # ------------------------------------------------------------------------------------------------ sass.py

@@ -213,6 +213,55 @@ def test_gguf_parse_once_memoizes_and_restores(tmp_path):
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
 
 
+# ---------------------------------------------------------------------------------------------- prefix tuning
+def test_peft_prefix_is_what_peft_feeds_the_cache():
+    """peft's prefix tuning: the encoder on its tokens gives [1, P, layers*2*heads*head_dim] in the layout
+    ``get_prompt`` reshapes into per-layer keys/values; None when disabled or for another adapter kind."""
+    pytest.importorskip("peft")
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    m, _, _ = models.load_model("tiny-llama")
+    assert _compat.peft_prefix(m) is None
+    pm = get_peft_model(m, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    pp = _compat.peft_prefix(pm)
+    assert (pp.layers, pp.heads, pp.head_dim) == (2, 2, 16) and pp.weight is pm.prompt_encoder.default.embedding.weight
+    flat = pp.encoder(pp.tokens)
+    assert torch.equal(flat[0], pp.weight)
+    cache = pm.get_prompt(1)
+    x = flat.view(1, 3, 4, 2, 16).permute(2, 0, 3, 1, 4)
+    with torch.no_grad():
+        own = _compat.output_cache(m(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=True))
+    assert _compat.cache_kv(own, 1)[0].shape == (1, 2, 4, 16)
+    for i in range(2):
+        k, v = _compat.cache_kv(cache, i)
+        assert torch.equal(k, x[2 * i]) and torch.equal(v, x[2 * i + 1])
+    with pm.disable_adapter():
+        assert _compat.peft_prefix(pm) is None
+    lora = models.add_lora(models.load_model("tiny-llama")[0])
+    assert _compat.peft_prefix(lora) is None
+
+
+def test_attention_cache_kwarg_is_used_through_update():
+    """A masked LM's self-attention takes a cache under this keyword and attends with what ``update`` returns."""
+    m, _, _ = models.load_model("tiny-roberta")
+    att = m.roberta.encoder.layer[0].attention.self
+    name = _compat.attention_cache_kwarg(att)
+    seen = []
+
+    class Spy:
+        def update(self, k, v, *a, **kw):
+            seen.append(k.shape)
+            return k, v
+
+    h = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        plain = att(h)[0]
+        spied = att(h, **{name: Spy()})[0]
+    assert seen == [torch.Size([2, 4, 5, 16])] and torch.equal(plain, spied)
+    with pytest.raises(_compat.CompatError, match="no KV cache argument"):
+        _compat.attention_cache_kwarg(torch.nn.Linear(2, 2))
+
+
 # ---------------------------------------------------------------------------------------------- Triton
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("interpret", ["1", "0"])

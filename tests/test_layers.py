@@ -23,7 +23,7 @@ LAYERS = [
     ("perturb",),
     ("virtual",),
     ("optim",),
-    ("models",),
+    ("models", "prefix"),
     ("tasks",),
     ("forward",),
     ("train",),

@@ -7,6 +7,7 @@ beta, alpha W)), U and V regenerated inside the op.
   torch backend (rng.normal);
 - lr = 0 leaves bf16 weights bit-identical; weight decay is fused; nothing outside the tensor is touched;
 - the known answers of docs/rng_spec.md on every backend; shards (blocks) equal the unsharded update's block;
+- CUDA: tests/test_lowrank_cuda.py (gpu marker);
 - bad input is a clear TypeError / ValueError.
 """
 import math

@@ -31,7 +31,7 @@ def _examples() -> dict[str, tuple[Path, str, str]]:
 
 
 EXAMPLES = _examples()
-TESTED = {"pytorch", "trainer", "spec", "cli", "paramset", "forward", "prompt-trainer", "trl"}
+TESTED = {"pytorch", "trainer", "spec", "cli", "paramset", "forward", "prompt-trainer", "trl", "prefix"}
 
 
 def run_example(name: str, where: Path, monkeypatch) -> dict:
@@ -112,6 +112,13 @@ def test_paramset_api(tmp_path, monkeypatch):
 def test_forward_engine(tmp_path, monkeypatch):
     ns = run_example("forward", tmp_path, monkeypatch)
     assert ns["logits"].shape[0] == 2 and torch.isfinite(ns["logits"]).all()
+
+
+def test_prefix_tuning(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    ns = run_example("prefix", tmp_path, monkeypatch)
+    assert [n for n, _ in ns["params"]] == ["prefix.weight"] and ns["params"][0][1].shape == (5, 256)
+    assert ns["res"].loss_plus != ns["res"].loss_minus and (tmp_path / "prefix-adapter" / "mezo_prefix.json").is_file()
 
 
 def test_prompt_task_through_the_trainer(tmp_path, monkeypatch):

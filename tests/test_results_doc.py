@@ -155,3 +155,12 @@ def test_committed_csvs_match_the_tables():
     assert sorted(os.listdir(csv_dir)) == sorted(expected)
     for name, rows in expected.items():
         assert list(csv.reader(open(os.path.join(csv_dir, name)))) == rows, name
+
+
+def test_a_block_inside_another_section_rewrites_that_sections_csvs(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    results.replace_section(str(path), "perturb-cpu", "| a | b |\n|---|---|\n| 1 | 2 |\n\n<!-- sub -->\n<!-- /sub -->")
+    results.replace_section(str(path), "sub", "| c |\n|---|\n| 3 |")
+    assert sorted(os.listdir(tmp_path / "csv")) == ["perturb-cpu.2.csv", "perturb-cpu.csv"]
+    with open(tmp_path / "csv" / "perturb-cpu.2.csv") as f:
+        assert list(csv.reader(f)) == [["c"], ["3"]]

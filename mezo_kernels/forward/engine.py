@@ -19,7 +19,8 @@ an entry that depends on a trainable tensor, while a frozen-only state (frozen-l
 also holds the module tree (tree.py): adapters injected, merged, unloaded or disabled, or a module replaced, change
 what the model computes without always changing a weight's version. A tree made of other objects (or another model)
 gets a new runner (it holds the modules it calls) and empty caches; switches (adapters on/off, train/eval) are in
-the keys, the whole tree's for the eval cache, the frozen layers' own for the frozen-layer states.
+the keys, the whole tree's for the eval cache, the frozen layers' own for the frozen-layer states. A prefix-tuned
+model's learned KV prefix (learned.py) is one more attention part of every entry and part of the eval-cache key.
 Caching happens only under ``torch.no_grad()``. Models other than Llama-family causal LMs run the plain forward, and
 so do sharded models (DTensor parameters or FSDP modules: ``llama.sharded_reason``), whose forward needs FSDP's hooks
 and tensor parallelism's local head counts; that choice depends on the module tree only, so every rank of a job
@@ -40,6 +41,7 @@ from .._compat import param_version, sdpa_kernels_used
 from ..models import unwrap
 from .batches import padded_work, part, plan_batches, stack
 from .grouped import check_groups, first_group, tile_plan, tile_states
+from .learned import EnginePrefix
 from .llama import LlamaRunner, sharded_reason, unsupported_reason
 from .plan import Plan, plan_prefixes
 from .stats import EngineStats
@@ -140,8 +142,10 @@ class ForwardEngine:
         for r, c in zip(rows_c.tolist(), rel.tolist()):
             need[r] = min(c, need.get(r, c))
         used = sorted(need)
-        dev = next(lm.parameters()).device
-        h, where = self._run(runner, lm, tree, [toks[r] for r in used], [need[r] for r in used], dev, self._groups)
+        dev, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
+        learned = EnginePrefix.of(model, dtype, dev)     # a prefix-tuned model's learned KV, once per forward
+        h, where = self._run(runner, lm, tree, [toks[r] for r in used], [need[r] for r in used], dev, self._groups,
+                             learned)
         index = {r: i for i, r in enumerate(used)}
         sr, sc = zip(*[where(g * len(used) + index[r], c)
                        for g, r, c in zip(group.tolist(), rows_c.tolist(), rel.tolist())])
@@ -191,14 +195,14 @@ class ForwardEngine:
         return runner.num_layers
 
     def _run(self, runner: LlamaRunner, lm: nn.Module, tree: ModuleTree, toks: list[list[int]], need: list[int],
-             dev, groups: int | None = None):
+             dev, groups: int | None = None, learned: EnginePrefix = EnginePrefix.NONE):
         """Hidden states of the row batch after the last layer, and f(row, col) -> (batch row, batch col).
         ``tree``: ``lm``'s module tree now. ``groups`` (row_groups): ``toks`` are one group's rows; the result
-        holds G group-major copies."""
+        holds G group-major copies. ``learned``: a learned prefix every entry attends to (no layer is frozen)."""
         caching = not torch.is_grad_enabled()
         L = runner.num_layers
         # the state entering layer k is cached; k = L would leave no layer to run, so the last one always runs
-        k = min(self._first_trainable(runner), L - 1) if caching else 0
+        k = min(self._first_trainable(runner), L - 1) if caching and not learned.length else 0
         frozen_key = None
         if k > 0:
             frozen_params, frozen_mods = [*runner.embed_tokens.parameters()], [*runner.embed_tokens.modules()]
@@ -209,7 +213,8 @@ class ForwardEngine:
             # off there) do not reach the state entering layer k
             frozen_key = (tuple(map(tuple, toks)), tuple(need), k, _weights_key(frozen_params),
                           module_state(frozen_mods))
-        version = (_weights_key(list(lm.parameters())), tree.state) if (caching and self.eval_cache) else None
+        cached_ok = caching and self.eval_cache
+        version = (_weights_key(list(lm.parameters())), tree.state, learned.key()) if cached_ok else None
         if groups is not None:
             version = None          # the groups' weights are not the stored ones, which the version describes
         state = self._frozen.get(frozen_key) if frozen_key is not None else None
@@ -236,30 +241,36 @@ class ForwardEngine:
         self.stats.prefix_cache_lookups += len(plan.segments)
         self.stats.prefix_cache_hits += len(cached)
         one = plan
-        levels, fresh, batches, parts_of = plan_batches(plan, cached, toks, dev)
+        # a trained embedding under row groups (full-parameter low-rank groups) differs per group from the start
+        tiled = bool(groups is not None and groups > 1 and k == 0 and
+                     any(p.requires_grad for p in runner.embed_tokens.parameters()))
+        if tiled:
+            plan = tile_plan(one, groups)
+        levels, fresh, batches, parts_of = plan_batches(plan, cached, toks * (groups if tiled else 1), dev)
         if hidden is None:
             hidden = [runner.embed(ids) if ids.numel() else None for ids, _ in batches]
-        ropes = _ropes(runner, hidden, batches)
+        ropes = _ropes(runner, hidden, batches, learned.length)
         kv_log: list[list] = [[] for _ in levels]            # per level, per layer: (k, v) of its fresh batch
         for i in range(start, L):
             if i == k and frozen_key is not None and state is None:
                 self._remember(self._frozen, frozen_key, (plan, cached, list(hidden)), 2)
-            if i == k and groups is not None and groups > 1:
+            if i == k and groups is not None and groups > 1 and not tiled:
                 # from the first trainable layer on, weights differ between row groups: every segment and row
                 # runs once per group (cached is empty: no eval cache under row groups, none in a frozen state)
                 plan, hidden = tile_plan(one, groups), tile_states(hidden, groups)
                 levels, fresh, batches, parts_of = plan_batches(plan, cached, toks * groups, dev)
-                ropes = _ropes(runner, hidden, batches)
+                ropes = _ropes(runner, hidden, batches, learned.length)
             stacks = []
             for d in range(len(levels)):
                 kf = vf = None
                 if fresh[d]:
                     parts = [part(stacks[j], lay) for j, lay in parts_of[d]]
-                    hidden[d], kf, vf = runner.layer(i, hidden[d], ropes[d], parts, kv_only=(i == L - 1))
+                    hidden[d], kf, vf = runner.layer(i, hidden[d], ropes[d], parts + learned.parts(i, hidden[d]),
+                                                     kv_only=(i == L - 1))
                     kv_log[d].append((kf, vf))
                 stacks.append(stack(plan, levels[d], cached, kf, vf, i))
             parts = [part(stacks[j], lay) for j, lay in parts_of[-1]]
-            hidden[-1], _, _ = runner.layer(i, hidden[-1], ropes[-1], parts)
+            hidden[-1], _, _ = runner.layer(i, hidden[-1], ropes[-1], parts + learned.parts(i, hidden[-1]))
             self.stats.run_token_layers += sum(ids.numel() for ids, _ in batches)
         if caching and self.eval_cache and version is not None and start == 0:
             self._store_segments(version, plan, fresh, kv_log)
@@ -289,9 +300,9 @@ def _weights_key(params: list) -> tuple:
     return param_version(params), weight_state.key(params)
 
 
-def _ropes(runner: LlamaRunner, hidden: list, batches: list) -> list:
-    """Each batch's rotary cos/sin at its positions (None for an empty batch)."""
-    return [runner.rope(h, pos) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
+def _ropes(runner: LlamaRunner, hidden: list, batches: list, offset: int = 0) -> list:
+    """Each batch's rotary cos/sin at its positions + ``offset`` (after a learned prefix; None: empty batch)."""
+    return [runner.rope(h, pos + offset) if h is not None else None for h, (_, pos) in zip(hidden, batches)]
 
 
 def _accepts(lm: nn.Module, name: str) -> bool:

@@ -23,6 +23,7 @@ except ImportError as e:   # without the hf extra: say which extra to install
 from .. import _compat
 from ..optim import MeZO, StepResult
 from ..optim.distributed import fsdp_modules
+from ..train import dtype as dtypes
 
 __all__ = ["MeZOHooks", "TrainerMeZO"]
 
@@ -101,22 +102,30 @@ class MeZOHooks:
     (before ``Trainer.__init__``), then call :meth:`attach` once the Trainer is built.
 
     Keyword args: ``eps`` (perturbation scale), ``n_directions`` (directions per step), ``mezo_seed`` (default
-    ``args.seed``), ``backend``, ``exact_restore``, ``perturb`` and ``distribution`` (see :class:`~mezo_kernels.MeZO`;
+    ``args.seed``), ``backend``, ``exact_restore``, ``perturb``, ``distribution``, ``lowrank_r`` and ``lowrank_lazy``
+    (see :class:`~mezo_kernels.MeZO`;
     the optimizer gets the Trainer's model as ``model=``, so bf16/fp16 weights take the virtual, masterless path by
-    default)."""
+    default); ``dtype``: the compute dtype the model is cast to when the trainer is built (``auto`` | ``float32`` |
+    ``bfloat16`` | ``float16``; LoRA adapters stay fp32; ``mezo_kernels.train.dtype.cast_model``; None: as loaded;
+    default ``dtype.TRAINER_DEFAULT``), what it chose in ``dtype_choice``."""
 
-    KEYS = ("eps", "n_directions", "mezo_seed", "backend", "exact_restore", "perturb", "distribution")
+    KEYS = ("eps", "n_directions", "mezo_seed", "backend", "exact_restore", "perturb", "distribution", "lowrank_r",
+            "lowrank_lazy", "dtype")
 
     def __init__(self, owner: str, eps: float = 1e-3, n_directions: int = 1, mezo_seed: int | None = None,
                  backend: str = "auto", exact_restore: bool | None = None, perturb: str | None = None,
-                 distribution: str = "gaussian") -> None:
+                 distribution: str = "gaussian", lowrank_r: int | None = None,
+                 lowrank_lazy: int | None = None, dtype: str | None = dtypes.TRAINER_DEFAULT) -> None:
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
             raise ValueError(f"n_directions must be an int >= 1, got {n_directions!r}")
+        self.dtype = None if dtype is None else dtypes.check_dtype(dtype)
+        self.dtype_choice: dtypes.DtypeChoice | None = None
         self.owner, self.mezo_seed = owner, mezo_seed
         self.settings: dict[str, Any] = dict(eps=float(eps), n_directions=n_directions, backend=backend,
-                                             exact_restore=exact_restore, perturb=perturb, distribution=distribution)
+                                             exact_restore=exact_restore, perturb=perturb, distribution=distribution,
+                                             lowrank_r=lowrank_r, lowrank_lazy=lowrank_lazy)
         self.cycle: list = []                   # (inputs, num_items_in_batch) of the cycle so far
         self.cycle_step = 0
         self.history: list[StepResult] = []     # step results since the last log
@@ -162,6 +171,8 @@ class MeZOHooks:
             raise ValueError(f"{self.owner}: no parameter of the model requires grad, so MeZO has nothing to train "
                              "(set requires_grad on the trainable ones, e.g. with peft)")
         self.settings["seed"] = trainer.args.seed if self.mezo_seed is None else self.mezo_seed
+        if self.dtype is not None:                   # before the optimizer is built on the parameters
+            self.dtype_choice = dtypes.cast_model(trainer.model, self.dtype, trainer.args.device)
 
     # ------------------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, trainer, model=None):

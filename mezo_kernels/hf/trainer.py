@@ -43,7 +43,8 @@ __all__ = ["MeZOTrainer", "MeZOHooks", "TrainerMeZO", "ObjectiveModel", "collate
 
 class MeZOTrainer(transformers.Trainer):
     """``transformers.Trainer`` that trains with MeZO: same arguments, plus ``eps``, ``n_directions``,
-    ``mezo_seed``, ``backend``, ``exact_restore``, ``perturb``, ``distribution`` (:class:`MeZOHooks`). See the
+    ``mezo_seed``, ``backend``, ``exact_restore``, ``perturb``, ``distribution``, ``dtype`` (:class:`MeZOHooks`;
+    ``dtype="auto"`` casts the model to bf16 where that is faster, LoRA adapters kept fp32). See the
     module docstring for what changes; the MeZO logic lives in ``self.mezo_hooks``, each override delegates."""
 
     def __init__(self, *args, **kwargs):

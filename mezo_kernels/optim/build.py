@@ -34,10 +34,11 @@ class Built:
 def build(names: Sequence[str], tensors: Sequence[torch.Tensor], bases: Sequence[int],
           groups: Sequence[tuple[list[int], float, float, dict]], *, backend: str, exact: bool | None,
           distribution: str, model: nn.Module | object | None, fsdp: Sequence[nn.Module],
-          loss_group: object) -> Built:
+          loss_group: object, lowrank_r: int | None = None) -> Built:
     """The sets and the cross-process parts for ``tensors`` (flat order) with full-tensor ``bases`` and the
     layout's ``groups`` (flat indices, lr, weight decay, other keys). ValueError for a storage listed twice, and
-    for DTensors: those of ``expand`` and ``distributed.check_owned``."""
+    for DTensors: those of ``expand`` and ``distributed.check_owned``. ``lowrank_r``: rank-r directions for the 2-d
+    tensors (``perturb.lowrank_part``); a run of a DTensor's shard then carries its full tensor's base and shape."""
     sharded = None
     if fsdp or any(_compat.is_dtensor(t) for t in tensors):
         distributed.check_owned(model, names, tensors, bool(fsdp))
@@ -58,8 +59,13 @@ def build(names: Sequence[str], tensors: Sequence[torch.Tensor], bases: Sequence
         entries: list[Run] = [r for i in idx for r in runs[i]]
         ps = None
         if entries:
+            blocks = None
+            if lowrank_r is not None and sharded is not None:     # a run's place in its full tensor
+                blocks = [(bases[i], tuple(tensors[i].shape)) if tensors[i].dim() == 2 else None
+                          for i in idx for _ in runs[i]]
             ps = ParamSet([(n, t) for n, t, _ in entries], bases=[b for *_, b in entries], backend=backend,
-                          exact_restore=exact, require_grad=sharded is None, distribution=distribution)
+                          exact_restore=exact, require_grad=sharded is None, distribution=distribution,
+                          lowrank_r=lowrank_r, blocks=blocks)
             k = 0
             for i in idx:
                 for _ in runs[i]:

@@ -59,7 +59,13 @@ class MeZO(torch.optim.Optimizer):
         model: the ``nn.Module`` owning the parameters: for ``perturb="virtual"`` and for DTensor parameters (a
             ValueError without it). MeZO reshards its FSDP2 modules before it reads the parameters and before every
             weight write, so the next forward gathers what was written (``optim.distributed``).
-        distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the directions z.
+        distribution: ``"gaussian"`` (default), ``"rademacher"`` (+-1 signs) or ``"lowrank"``: the directions z.
+            ``"lowrank"`` (EGGROLL, LoZO): a 2-d weight (m, n) gets z = U Vᵀ/sqrt(r) with U [m, r], V [n, r] from
+            the spec's stream (``docs/rng_spec.md``), 1-d and small tensors the dense Gaussian; it needs ``model=``
+            and defaults to ``perturb="virtual"``, where ``nn.Linear``/``nn.Embedding``/HF ``Conv1D`` add the
+            rank-r term to their output (``virtual.lowrank``) and no weight is written or copied during the passes.
+        lowrank_r: the rank r of ``"lowrank"`` (default 1). lowrank_lazy: keep V for this many steps while U is
+            redrawn every step (LoZO's lazy V; default 1), needs ``n_directions=1``.
         rounding: of the update in fp16/bf16 without masters: ``"stochastic"`` (default for virtual; its bits come
             from the step seed's own SR stream) or ``"nearest"`` (default in place).
         loss_group: under ``torch.distributed``, the ranks whose closure losses are averaged (one all-reduce of
@@ -73,10 +79,11 @@ class MeZO(torch.optim.Optimizer):
                  total_steps: int | None = None, exact_restore: bool | None = None,
                  bases: Sequence[int] | None = None, no_decay: NoDecay = None, groups: Sequence[dict] | None = None,
                  perturb: str | None = None, model: torch.nn.Module | None = None, distribution: str = "gaussian",
-                 rounding: str | None = None, loss_group: object = None):
+                 rounding: str | None = None, loss_group: object = None, lowrank_r: int | None = None,
+                 lowrank_lazy: int | None = None):
         lr, weight_decay = check_hyper(lr, "lr"), check_hyper(weight_decay, "weight_decay")
         st = check_settings(eps, seed, n_directions, schedule, total_steps, perturb, model is not None,
-                            distribution, rounding, exact_restore)
+                            distribution, rounding, exact_restore, lowrank_r, lowrank_lazy)
         fsdp = distributed.fsdp_modules(model, st.perturb)     # resharded first: parameters read as shards
         lay = layout(params, lr, weight_decay, no_decay, groups)
         names, tensors = lay.names, lay.tensors
@@ -87,7 +94,8 @@ class MeZO(torch.optim.Optimizer):
         bases = list(explicit) if explicit is not None else rng.default_bases(t.numel() for t in tensors)
         set_exact = exact_restore if (exact_restore is not None or st.perturb == "inplace") else False
         built = build(names, tensors, bases, lay.groups, backend=backend, exact=set_exact,
-                      distribution=st.distribution, model=model, fsdp=fsdp, loss_group=loss_group)
+                      distribution=st.distribution, model=model, fsdp=fsdp, loss_group=loss_group,
+                      lowrank_r=st.lowrank_r)
         self._settings: Settings = dataclasses.replace(
             st, bases=explicit, no_decay_names=None if lay.no_decay_names is None else tuple(lay.no_decay_names),
             groups=None if lay.groups_cfg is None else tuple(dict(g) for g in lay.groups_cfg))
@@ -120,7 +128,9 @@ class MeZO(torch.optim.Optimizer):
     schedule = property(lambda self: self._settings.schedule, doc="``constant`` or ``linear``.")
     total_steps = property(lambda self: self._settings.total_steps, doc="The linear schedule's length.")
     perturb = property(lambda self: self._settings.perturb, doc="``inplace`` or ``virtual``.")
-    distribution = property(lambda self: self._settings.distribution.label, doc="``gaussian`` or ``rademacher``.")
+    distribution = property(lambda self: self._settings.label, doc="``gaussian``, ``rademacher`` or ``lowrank``.")
+    lowrank_r = property(lambda self: self._settings.lowrank_r, doc="The rank of low-rank directions, or None.")
+    lowrank_lazy = property(lambda self: self._settings.lowrank_lazy, doc="Steps a low-rank V is kept.")
     rounding = property(lambda self: self._settings.rounding, doc="Of the update: ``nearest`` or ``stochastic``.")
     step_count = property(lambda self: self._steps.step_count, doc="Steps taken (or replayed).")
     skipped_directions = property(lambda self: self._steps.skipped_directions,
@@ -172,6 +182,15 @@ class MeZO(torch.optim.Optimizer):
     def seed_for(self, step: int, j: int = 0) -> int:
         return rng.seed_for(self.seed, step, j, self.n_directions)
 
+    def _keys(self, step: int, seeds: Sequence[int]) -> list | None:
+        """What the weight operations of ``step`` draw from, per direction: None (its seed) except with lazy
+        low-rank V, where it is ``(seed_u, seed_v)`` and V's seed is that of the step opening the window."""
+        lazy = self._settings.lowrank_lazy
+        if lazy == 1:
+            return None
+        t0 = step - step % lazy
+        return [(s, self.seed_for(t0, j)) for j, s in enumerate(seeds)]
+
     def config(self) -> dict:
         """The constructor arguments that fix the run's bits (``MeZO(params, **config())`` rebuilds it)."""
         return self._settings.config(self.defaults["lr"], self.weight_decay)
@@ -189,7 +208,7 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
         t, hyper = self.step_count, self._hyper(self.step_count)
         seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
-        dirs, lps, lms = self._stepper.run(hyper, seeds, closure, micro_batches, None)
+        dirs, lps, lms = self._stepper.run(hyper, seeds, closure, micro_batches, None, self._keys(t, seeds))
         return self._result(t, hyper, dirs, lps, lms)
 
     def step_batched(self, pm_fn: Callable[[Sequence[int], float], Sequence[tuple[float, float]]]) -> StepResult:
@@ -204,7 +223,7 @@ class MeZO(torch.optim.Optimizer):
             raise TypeError("step_batched() needs pm_fn(seeds, eps) -> [(loss_plus, loss_minus)] per direction")
         t, hyper = self.step_count, self._hyper(self.step_count)
         seeds = [self.seed_for(t, j) for j in range(self.n_directions)]
-        pairs = list(pm_fn(seeds, self.eps))
+        pairs = list(pm_fn(self._keys(t, seeds) or seeds, self.eps))
         if len(pairs) != len(seeds):
             raise ValueError(f"pm_fn returned {len(pairs)} loss pairs for {len(seeds)} directions")
         if self._stepper.reduce is not None:         # every pair averaged over the loss group in one all-reduce
@@ -241,7 +260,8 @@ class MeZO(torch.optim.Optimizer):
         decays = [g["weight_decay"] for g in self.param_groups]
         for t, dirs, first in logged_steps(records):
             hyper = hyper_of(first, decays)
-            self._stepper.run(hyper, [d.seed for d in dirs], None, 1, dirs)
+            seeds = [d.seed for d in dirs]
+            self._stepper.run(hyper, seeds, None, 1, dirs, self._keys(t, seeds))
             self._steps.record(t, hyper, dirs, self.weight_decay)
         return self
 

@@ -24,14 +24,19 @@ import torch
 FORMAT = 1
 _KEYS = ("step", "seed", "g", "lr", "wd")
 _OPTIONAL = ("skip", "groups")
-_MODE_KEYS = ("perturb", "distribution", "rounding")
+_MODE_KEYS = ("perturb", "distribution", "rounding", "lowrank_r", "lowrank_lazy")
 
 
 def modes(config: dict) -> dict:
-    """``{"perturb", "distribution", "rounding"}`` of a ``MeZO.config()``, the defaults filled in."""
+    """``{"perturb", "distribution", "rounding"}`` of a ``MeZO.config()``, the defaults filled in, plus
+    ``lowrank_r`` and ``lowrank_lazy`` for low-rank directions (so a seed-log header names them; headers of the
+    other distributions keep their bytes)."""
     perturb = config.get("perturb", "inplace")
-    return {"perturb": perturb, "distribution": config.get("distribution", "gaussian"),
-            "rounding": config.get("rounding", "stochastic" if perturb == "virtual" else "nearest")}
+    out = {"perturb": perturb, "distribution": config.get("distribution", "gaussian"),
+           "rounding": config.get("rounding", "stochastic" if perturb == "virtual" else "nearest")}
+    if out["distribution"] == "lowrank":
+        out.update(lowrank_r=config.get("lowrank_r", 1), lowrank_lazy=config.get("lowrank_lazy", 1))
+    return out
 
 
 def check_modes(logged: dict, config: dict, what: str = "the log") -> None:
@@ -40,9 +45,9 @@ def check_modes(logged: dict, config: dict, what: str = "the log") -> None:
     rounding mode rounds differently, so the replay would not land on the logged run's bits."""
     a, b = modes(logged), modes(config)
     for k in _MODE_KEYS:
-        if a[k] != b[k]:
-            raise ValueError(f"{what} was made with {k}={a[k]!r}, this optimizer uses {k}={b[k]!r}: a replay under "
-                             f"another {k} would not reproduce the run; build it with {k}={a[k]!r}")
+        if a.get(k) != b.get(k):
+            raise ValueError(f"{what} was made with {k}={a.get(k)!r}, this optimizer uses {k}={b.get(k)!r}: a replay "
+                             f"under another {k} would not reproduce the run; build it with {k}={a.get(k)!r}")
 
 
 class SeedLog(list):

@@ -29,6 +29,11 @@ class Direction:
     seed: int
     g: float = 0.0
     skip: str | None = None      # None, "plus" or "minus": where a non-finite loss stopped the direction
+    key: object = None           # what the weight operations draw from when not ``seed``: (seed_u, seed_v)
+
+    @property
+    def draw(self) -> object:
+        return self.seed if self.key is None else self.key
 
 
 class StepResult(NamedTuple):
@@ -103,9 +108,11 @@ class Stepper:
         return loss
 
     def run(self, hyper: Hyper, seeds: Sequence[int], closure: Callable | None, micro_batches: int,
-            recorded: Sequence[Direction] | None) -> tuple[list[Direction], list[float], list[float]]:
+            recorded: Sequence[Direction] | None, keys: Sequence | None = None
+            ) -> tuple[list[Direction], list[float], list[float]]:
         """Both passes of every direction, then the update: ``(directions, L+ list, L- list)`` (the lists hold the
-        valid directions' losses). ``recorded``: the logged directions, replayed instead of calling ``closure``."""
+        valid directions' losses). ``recorded``: the logged directions, replayed instead of calling ``closure``.
+        ``keys``: per direction what the weights draw from when it is not the seed (lazy low-rank V), or None."""
         dirs, lps, lms = [], [], []
         n = len(seeds)
         # with a loss group every rank runs both passes (their forwards may be collectives), then one all-reduce
@@ -113,15 +120,15 @@ class Stepper:
         reduce = self.reduce if recorded is None else None
         try:
             for j, s in enumerate(seeds):
-                d = Direction(s)
-                lp = self._pass(s, +self.eps, closure if recorded is None else None, micro_batches)
+                d = Direction(s, key=None if keys is None else keys[j])
+                lp = self._pass(d.draw, +self.eps, closure if recorded is None else None, micro_batches)
                 if recorded is not None:
                     d.skip = recorded[j].skip
                 elif reduce is None and not math.isfinite(lp):
                     d.skip = "plus"
                 if d.skip == "plus":
                     self.restore(); dirs.append(d); continue
-                lm = self._pass(s, -self.eps, closure if recorded is None else None, micro_batches)
+                lm = self._pass(d.draw, -self.eps, closure if recorded is None else None, micro_batches)
                 if reduce is not None:
                     lp, lm = reduce((lp, lm))
                     if not (math.isfinite(lp) and math.isfinite(lm)):
@@ -155,13 +162,13 @@ class Stepper:
                     # theta*1 + 0*z is theta in every rounding: skipping the pass keeps the weights' versions
                     # (and the caches keyed on them) for lr = 0 or g = 0
                     if ps is not None and (lr * d.g != 0 or (lr * wd != 0 and i == 0)):
-                        ps.update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0, rounding=self.rounding)
+                        ps.update_(d.draw, lr, d.g / len(valid), wd if i == 0 else 0.0, rounding=self.rounding)
             return
         order = ([valid[-1]] + valid[:-1]) if dirs[-1].skip is None else valid
         for i, d in enumerate(order):
             for ps, (lr, wd) in zip(self.sets, hyper):
                 if ps is not None:   # decay lr*wd once per step; the directions' steps are averaged
-                    ps.restore_update_(d.seed, lr, d.g / len(valid), wd if i == 0 else 0.0)
+                    ps.restore_update_(d.draw, lr, d.g / len(valid), wd if i == 0 else 0.0)
 
 
 def _loss(closure: Callable, micro_batches: int) -> float:

@@ -20,7 +20,9 @@ backend (``rng.normal``) and the C++ one (its own vectorised Box-Muller) may dif
 
 Shards: ``full_shape=(M, N)`` and ``start=(row0, col0)`` say that ``w`` is the block of rows ``[row0, row0 + m)``
 and columns ``[col0, col0 + n)`` of an (M, N) tensor with base ``base``: it then gets exactly the bits of that
-block of the unsharded update. Backends: ``kernels.choose_lowrank`` (C++ CPU, Triton, torch; CUDA not yet).
+block of the unsharded update. Backends: ``kernels.choose_lowrank`` (CUDA, Triton and torch on a GPU; C++ and torch
+on the CPU). The CUDA kernel (``csrc/cuda/lowrank.cu``) reads the device Gaussian stream, bit-identical to Triton's,
+so it equals the Triton backend bit for bit and the reference given that stream.
 """
 from __future__ import annotations
 
@@ -127,6 +129,18 @@ def _cpu_launch(w, seed_u, seed_v, base, r, alpha, beta, stochastic, full, start
                      int(rng.DTYPE_CODES[w.dtype]), bool(stochastic), seed_u, seed_v, float(alpha), float(beta))
 
 
+def _cuda_launch(w, seed_u, seed_v, base, r, alpha, beta, stochastic, full, start) -> None:
+    """Asynchronous on the current stream of w's device; the factor scratch (r*(m + n) float64, padded to the
+    kernel's tiles) comes from torch's caching allocator, whose stream order keeps it alive for the launch."""
+    C = kernels._REGISTRY["cuda"].module()
+    m, n = w.shape
+    with torch.cuda.device(w.device):
+        scratch = torch.empty(C.lowrank_scratch(m, n, r), dtype=torch.float64, device=w.device)
+        C.lowrank_update(w.data_ptr(), m, n, start[0], start[1], full[0], full[1], r, base,
+                         int(rng.DTYPE_CODES[w.dtype]), bool(stochastic), seed_u, seed_v, float(alpha), float(beta),
+                         scratch.data_ptr(), scratch.numel(), torch.cuda.current_stream(w.device).cuda_stream)
+
+
 def _triton_launch(w, seed_u, seed_v, base, r, alpha, beta, stochastic, full, start) -> None:
     import mezo_kernels.triton as tr
     if w.device.type == "cuda":
@@ -136,7 +150,7 @@ def _triton_launch(w, seed_u, seed_v, base, r, alpha, beta, stochastic, full, st
         tr.lowrank_update(w, seed_u, seed_v, base, r, alpha, beta, stochastic, full, start)
 
 
-_LAUNCH = {"torch": _torch_launch, "cpu": _cpu_launch, "triton": _triton_launch}
+_LAUNCH = {"torch": _torch_launch, "cpu": _cpu_launch, "cuda": _cuda_launch, "triton": _triton_launch}
 
 
 def lowrank_axpby_(w: torch.Tensor, seed_u: int, seed_v: int, base: int, r: int, alpha: float, beta: float,

@@ -25,6 +25,7 @@ from .. import _compat
 from .. import kernels as _bk
 from .. import rng
 from .copy import Copier, check_index
+from .lowrank_part import LowRankPart, seed_pair
 from .plan import TensorLike, _Group, check_tensor as _check_tensor, fill_normal_, fill_sign_, split_named
 from ..rng import Distribution, KernelMode
 
@@ -46,11 +47,21 @@ class ParamSet:
             ``True``: every group; ``False``: none (plain in-place arithmetic, which drifts).
         require_grad: raise if a tensor has ``requires_grad=False`` (for optimizers handed trainable params).
         distribution: ``"gaussian"`` (default) or ``"rademacher"`` (+-1 signs): the z of every operation.
+        lowrank_r: rank r of low-rank directions (``perturb.lowrank_part``): 2-d tensors with r*(m + n) < m*n get
+            z = U Vᵀ/sqrt(r), the others the dense Gaussian (``distribution`` must then be gaussian). A seed may
+            then be a pair ``(seed_u, seed_v)``. None: dense directions everywhere.
+        blocks: with ``lowrank_r``, per tensor the full tensor's ``(base, (M, N))`` when the tensor is a run of a
+            shard (``optim.dtensor``), else None; None: every tensor is whole.
     """
 
     def __init__(self, params: Iterable[TensorLike], bases: Sequence[int] | None = None, backend: str = "auto",
-                 exact_restore: bool | None = None, require_grad: bool = False, distribution: str = "gaussian"):
+                 exact_restore: bool | None = None, require_grad: bool = False, distribution: str = "gaussian",
+                 lowrank_r: int | None = None, blocks: Sequence | None = None):
         self._dist = rng.distribution_code(distribution)
+        if lowrank_r is not None and self._dist != Distribution.GAUSSIAN:
+            raise ValueError(f"lowrank_r draws Gaussian factors; it does not combine with distribution "
+                             f"{self._dist.label!r}")
+        self._lowrank_r, self._blocks = lowrank_r, blocks
         self.names, self._tensors = split_named(params)
         if bases is not None:
             bases = list(bases)
@@ -84,9 +95,11 @@ class ParamSet:
         self._kernels: dict[KernelMode, object] = {}         # kernels.choose's answers for this set, per mode
         for mode in _CORE_MODES:
             self.backend_for(mode)
+        self._lowrank = None if self._lowrank_r is None else LowRankPart(
+            self.names, tensors, self.bases, self._lowrank_r, self._backend_arg, self._exact, self._blocks)
         order: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
-            if t.numel():
+            if t.numel() and not (self._lowrank is not None and self._lowrank.covers(i)):
                 order.setdefault(t.dtype, []).append(i)
         self._groups = []
         for dtype, idx in order.items():
@@ -127,12 +140,17 @@ class ParamSet:
         return self._dist
 
     @property
+    def lowrank(self) -> LowRankPart | None:
+        """The low-rank entries (``lowrank_r`` given), else None."""
+        return self._lowrank
+
+    @property
     def numel(self) -> int:
         return sum(t.numel() for t in self._tensors)
 
     @property
     def exact_restore(self) -> bool:
-        return any(g.masters is not None for g in self._groups)
+        return any(g.masters is not None for g in self._groups) or bool(self._lowrank and self._lowrank.masters())
 
     @property
     def perturbation(self) -> tuple[int, float] | None:
@@ -145,7 +163,8 @@ class ParamSet:
         for g in self._groups:
             for t, m in zip(g.tensors, g.masters or [None] * len(g.tensors)):
                 out[t.data_ptr()] = m
-        return [out.get(t.data_ptr()) for t in self._tensors]
+        low = self._lowrank.masters() if self._lowrank is not None else {}
+        return [low[i].view(t.shape) if i in low else out.get(t.data_ptr()) for i, t in enumerate(self._tensors)]
 
     # ------------------------------------------------------------------------------------------- operations
     def backend_for(self, mode: KernelMode):
@@ -159,7 +178,13 @@ class ParamSet:
     def _run(self, seed: int, plain: tuple[float, float], master: tuple[float, float, float],
              master_mode: KernelMode, stochastic: bool = False) -> None:
         """One launch per group: plain groups get AXPBY(alpha, beta) (AXPBY_SR for fp16/bf16 when ``stochastic``);
-        master groups ``master_mode`` with (alpha, beta, gamma) -- they differ because masters are never perturbed."""
+        master groups ``master_mode`` with (alpha, beta, gamma) -- they differ because masters are never perturbed.
+        ``seed``: an int, or with ``lowrank_r`` a pair (the dense groups draw from its seed_u)."""
+        if self._lowrank is not None:
+            self._lowrank.run(seed, plain, master, master_mode, stochastic)
+            _compat.bump_version([e.w for e in self._lowrank.entries])
+            self.launches += len(self._lowrank.entries)
+            seed = seed_pair(seed)[0]
         for g in self._groups:
             if g.masters:
                 self.backend_for(master_mode).launch(g, seed, *master, master_mode, self._dist)
@@ -173,8 +198,9 @@ class ParamSet:
         self.version += 1
 
     def _prepare(self, seed: int) -> int:
-        """The one check of a public call's seed (``rng.check_seed``); then the storage check."""
-        seed = rng.check_seed(seed)
+        """The one check of a public call's seed (``rng.check_seed``; a pair with ``lowrank_r``); then the storage
+        check."""
+        seed = seed_pair(seed) if self._lowrank is not None and isinstance(seed, tuple) else rng.check_seed(seed)
         self._check_storage()
         return seed
 
@@ -245,7 +271,7 @@ class ParamSet:
 
     # ------------------------------------------------------------------------------------------- copies (mode OUT)
     def _prepare_copy(self, seed: int, index: int | None = None) -> int:
-        seed = rng.check_seed(seed)
+        seed = seed_pair(seed) if self._lowrank is not None and isinstance(seed, tuple) else rng.check_seed(seed)
         # one tensor's copy reads only that tensor: when its storage is the one the tables know, the scan of every
         # tensor's storage (a rebuild check, O(tensors) per call and so O(tensors^2) per virtual forward) can wait
         # for a call that reads the others
@@ -265,8 +291,13 @@ class ParamSet:
         index = check_index(index, len(self._tensors))
         seed = self._prepare_copy(seed, index)
         out = self._copier.out_for(index, out)
-        if self._tensors[index].numel():
-            self._copier.copy(self.backend_for(KernelMode.OUT), seed, float(offset), index, out)
+        if self._lowrank is not None and self._lowrank.covers(index):
+            self._lowrank.copy(seed, float(offset), index, out)
+            _compat.bump_version([out])
+            self.launches += 1
+        elif self._tensors[index].numel():
+            dense = seed_pair(seed)[0] if self._lowrank is not None else seed
+            self._copier.copy(self.backend_for(KernelMode.OUT), dense, float(offset), index, out)
             self.launches += 1
         return out
 
@@ -276,8 +307,11 @@ class ParamSet:
         Returns tensors in ``tensors`` order, each of its theta's shape and dtype. theta is never written."""
         seed = self._prepare_copy(seed)
         backend = self.backend_for(KernelMode.OUT) if self._groups else None
-        outs = self._copier.copies(backend, seed, float(offset))
+        outs = self._copier.copies(backend, seed_pair(seed)[0] if self._lowrank is not None else seed, float(offset))
         self.launches += len(self._groups)
+        for e in self._lowrank.entries if self._lowrank is not None else ():
+            self._lowrank.copy(seed, float(offset), e.index, outs[e.index])
+            self.launches += 1
         return outs
 
     @contextlib.contextmanager

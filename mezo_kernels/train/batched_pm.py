@@ -26,6 +26,8 @@ from torch import nn
 from .. import rng
 from ..forward import ForwardEngine
 from ..virtual.grouped_lora import GroupedLoRA
+from ..virtual.grouped_lowrank import GroupedLowRank
+from ..perturb.lowrank_part import seed_pair
 from ..optim import projected_grad
 from ..tasks.metrics import ObjectiveKind, Reduction, from_scores, objective_value
 from ..perturb import ParamSet
@@ -56,7 +58,7 @@ def tile_encoding(enc: dict[str, torch.Tensor], groups: int) -> dict[str, torch.
 
 
 def _check(seeds: Sequence[int], eps: float, max_rows: int | None) -> tuple[list[int], float]:
-    seeds = [rng.check_seed(s) for s in seeds]
+    seeds = [seed_pair(s) if isinstance(s, tuple) else rng.check_seed(s) for s in seeds]   # a pair: lazy V
     if not seeds:
         raise ValueError("seeds is empty: give one seed per direction")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -95,10 +97,16 @@ def batched_pm_losses(model: nn.Module, objective: Any, batch: Sequence[Any], se
     tensors must all be LoRA adapter weights of ``model``. max_rows: most rows per forward (module docstring).
     A non-finite loss stays in its own (direction, sign): the groups never mix. The stored weights are only read,
     also when the forward raises."""
-    return _losses(model, objective, batch, seeds, eps, GroupedLoRA(model, param_sets), max_rows, kind)
+    return _losses(model, objective, batch, seeds, eps, _grouped(model, param_sets), max_rows, kind)
 
 
-def _losses(model, objective, batch, seeds, eps, grouped: GroupedLoRA, max_rows, kind) -> list[tuple[float, float]]:
+def _grouped(model: nn.Module, param_sets: ParamSet | Sequence[ParamSet]) -> GroupedLoRA | GroupedLowRank:
+    """The grouped pass of the sets' directions: low-rank terms (``distribution="lowrank"``) or LoRA deltas."""
+    sets = [param_sets] if isinstance(param_sets, ParamSet) else list(param_sets)
+    return GroupedLowRank(model, sets) if any(ps.lowrank is not None for ps in sets) else GroupedLoRA(model, sets)
+
+
+def _losses(model, objective, batch, seeds, eps, grouped: GroupedLoRA | GroupedLowRank, max_rows, kind) -> list[tuple[float, float]]:
     seeds, eps = _check(seeds, eps, max_rows)
     Reduction(kind)                                    # an unknown kind is refused before any forward
     engine = _engine(objective)
@@ -126,7 +134,7 @@ def pm_fn_factory(model: nn.Module, objective: Any, param_sets: ParamSet | Seque
                   max_rows: int | None = None, kind: ObjectiveKind | str = ObjectiveKind.CE
                   ) -> Callable[[Sequence[Any]], Callable[[Sequence[int], float], list[tuple[float, float]]]]:
     """``batch -> pm_fn`` for a training loop: the LoRA layers are looked up once, here, not once per step."""
-    grouped = GroupedLoRA(model, param_sets)
+    grouped = _grouped(model, param_sets)
     return lambda batch: (lambda seeds, eps: _losses(model, objective, batch, seeds, eps, grouped, max_rows, kind))
 
 

@@ -56,7 +56,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="plain forwards: no shared-prefix KV, frozen-layer or eval-cache reuse (same results)")
     p.add_argument("--eval-max", type=int, default=_DEMO.eval_max, help="cap evaluated examples (0: all)")
-    p.add_argument("--dtype", default=_DEMO.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=_DEMO.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the model; auto: bfloat16 on a GPU, or on a CPU with amx_bf16/avx512_bf16 "
+                        "where a timed bf16 forward of the model is >= 20%% faster, else float32; a run records the "
+                        "resolved one, which --resume and replay reuse (default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-targets", default=None, help="comma-separated module names (default per model)")
     t.add_argument("--lora-first-layer", type=int, default=_DEMO.lora_first_layer,
                    help="LoRA only on layers >= K (the frozen layers below are computed once per step)")
+    t.add_argument("--prefix-tokens", type=int, default=None, metavar="N",
+                   help="MeZO-prefix instead of LoRA: N learned key/value vectors per attention layer, initialised "
+                        "from real tokens' activations (not with --full-param or a --lora-* option)")
     t.add_argument("--eval-every", type=int, default=_DEMO.eval_every)
     t.add_argument("--select-on", default="none", choices=["none", "dev"],
                    help="dev: report the weights of the best dev-split evaluation (every --eval-every steps and at "
@@ -94,10 +100,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="virtual: the +/- passes never write the weights (exact in any dtype, no fp32 masters); "
                         "inplace (default): write theta +/- eps*z into them, fp32 masters for fp16/bf16; "
                         "virtual is leaner in memory but slower on the CPU (bench/RESULTS.md)")
-    t.add_argument("--distribution", default=_DEMO.distribution, choices=["gaussian", "rademacher"],
-                   help="the directions z: Gaussian or random signs (+-1)")
+    t.add_argument("--distribution", default=_DEMO.distribution, choices=["gaussian", "rademacher", "lowrank"],
+                   help="the directions z: Gaussian, random signs (+-1), or lowrank (z = U V^T/sqrt(r) per 2-d "
+                        "weight, applied inside the matmul: no weight copy or write during the passes)")
+    t.add_argument("--lowrank-r", type=int, default=_DEMO.lowrank_r, metavar="R",
+                   help="--distribution lowrank: the rank r of each weight's direction (default 1)")
+    t.add_argument("--lowrank-lazy", type=int, default=_DEMO.lowrank_lazy, metavar="N",
+                   help="--distribution lowrank: keep V for N steps, redraw U every step (LoZO's lazy V; "
+                        "default 1)")
     t.add_argument("--batched-pm", action=argparse.BooleanOptionalAction, default=_DEMO.batched_pm,
-                   help="LoRA: the +/- passes of all directions in one batched forward (virtual perturbation; "
+                   help="LoRA or --distribution lowrank: the +/- passes of all directions in one batched forward "
+                        "(virtual perturbation; "
                         "the same losses within fp32 rounding; off by default: not faster on the 2-core CPU)")
     t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its seed log")
     t.add_argument("--no-progress", action="store_true")
@@ -137,7 +150,7 @@ def _train(a) -> int:
     s = train(cfg, progress=not a.no_progress, ddp=None if a.ddp == "auto" else False, task=task)
     if "distributed" in s and os.environ.get("RANK", "0") != "0":
         return 0                                  # rank 0 speaks for the data-parallel run
-    print(json.dumps({"before": s.get("before"), "after": s["after"], "steps": s["steps"],
+    print(json.dumps({"before": s.get("before"), "after": s["after"], "steps": s["steps"], "dtype": s["dtype"],
                       "stopped_by": s["stopped_by"], **({"best_step": s["best_step"]} if "best_step" in s else {}),
                       "train_seconds": s["train_seconds"], "zero_grad_rate": s["zero_grad_rate"],
                       **({"distributed": s["distributed"]} if "distributed" in s else {})}))
@@ -147,6 +160,7 @@ def _train(a) -> int:
 def _eval(a) -> int:
     from ..tasks import data
     from ..tasks.registry import get_task
+    from .dtype import load_model
     from .loop import build, evaluate
     cfg = TrainConfig(task=a.task, model=a.model, seed=a.seed, max_length=a.max_length, chat=a.chat,
                       lora=False, dtype=a.dtype, prefix_reuse=not a.no_prefix_reuse)
@@ -157,7 +171,8 @@ def _eval(a) -> int:
         raise ValueError(f"split {a.split!r} is empty: train and dev are sampled from --train-file")
     if a.icl < 0 or (a.icl == 0 and a.icl_max_length is not None):
         raise ValueError("--icl K takes K >= 1 demonstrations" if a.icl < 0 else "--icl-max-length needs --icl K")
-    model, _, _, obj, _ = build(cfg, adapter=a.adapter, task=task)
+    *loaded, choice = load_model(cfg.model, cfg.dtype, seed=cfg.seed, seq=cfg.max_length)   # auto: decided here
+    model, _, _, obj, _ = build(cfg, adapter=a.adapter, task=task, loaded=loaded)
     ex = data.subsample(getattr(splits, a.split), a.eval_max, a.seed)
     icl = {}
     if a.icl:                               # ICL: the same K train demonstrations before every prompt (tasks/icl.py)
@@ -167,7 +182,8 @@ def _eval(a) -> int:
     res = evaluate(model, obj, ex, a.batch_size)
     engine = getattr(obj, "engine", None)
     fwd = {"forward": engine.stats.as_dict()} if engine is not None else {}
-    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter, **res, **icl,
+    print(json.dumps({"task": a.task, "split": a.split, "model": a.model, "adapter": a.adapter,
+                      "dtype": choice.dtype, **res, **icl,
                       **fwd}))
     return 0
 
@@ -175,17 +191,22 @@ def _eval(a) -> int:
 def _replay(a) -> int:
     from .. import optim
     from ..optim.seedlog import read_log
+    from .dtype import load_model
     from .files import replaced_dir
     from .loop import build
     run = Path(a.run)
     cfg = TrainConfig.from_json(run / "config.json")
+    if cfg.dtype == "auto":
+        raise ValueError(f"{run / 'config.json'} records dtype 'auto', not the dtype that ran: replay loads the "
+                         "recorded one and never decides again (write the dtype the run used into it)")
     head, records = read_log(str(run / "seeds.jsonl"))
     until = a.step
     if until is None and (run / "summary.json").exists():
         until = json.loads((run / "summary.json").read_text()).get("best_step")
     if until is not None:
         records = [r for r in records if int(r["step"]) < until]
-    model, _, _, _, params = build(cfg)                  # one process: --shard does not apply
+    loaded = load_model(cfg.model, cfg.dtype, seed=cfg.seed, recorded=cfg.dtype)[:3]   # the recorded dtype, as is
+    model, _, _, _, params = build(cfg, loaded=loaded)   # one process: --shard does not apply
     opt = optim.replay(params, (head, records), backend=a.backend)
     out = Path(a.output) if a.output else run / "replayed"
     with replaced_dir(out) as tmp:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..tasks.records import ObjectiveKind
+from .dtype import DEFAULT as DEFAULT_DTYPE, check_dtype
 
 __all__ = ["TrainConfig", "SHARD_MODES"]
 
@@ -48,6 +49,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_targets: list[str] | None = None
     lora_first_layer: int = 0           # LoRA on layers >= this one; the frozen layers below run once per step
+    prefix_tokens: int | None = None    # N >= 1: MeZO-prefix, N learned KV vectors per layer, in place of LoRA
     max_length: int = 64
     chat: bool = False
     prefix_reuse: bool = True           # forward engine reuse (prefix KV, frozen layers, eval cache); exact
@@ -63,9 +65,12 @@ class TrainConfig:
     max_minutes: float | None = 10.0
     backend: str = "auto"
     perturb: str | None = None          # "virtual" | "inplace"; None: MeZO's default for the trainable dtype
-    distribution: str = "gaussian"      # directions: "gaussian" | "rademacher"
+    distribution: str = "gaussian"      # directions: "gaussian" | "rademacher" | "lowrank"
+    lowrank_r: int | None = None        # lowrank: the rank (None: 1)
+    lowrank_lazy: int | None = None     # lowrank: steps V is kept (None: 1)
     batched_pm: bool = False            # LoRA: +/- of every direction in one batched forward (virtual perturbation)
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE          # "auto" | "float32" | "bfloat16" | "float16" (dtype.py); a run records the
+    #                                     resolved one in config.json, so a config read back is never "auto"
     shard: str = "none"                 # several processes: "none" (data parallel), "fsdp" or "tp" (sharding.py)
     resume: bool = False
     extra: dict = field(default_factory=dict)
@@ -77,10 +82,15 @@ class TrainConfig:
     def from_json(cls, path: str | Path) -> "TrainConfig":
         """The config a run saved (``config.json``); keys this version does not know are ignored."""
         saved = json.loads(Path(path).read_text())
+        saved.setdefault("dtype", "float32")      # written before the setting existed: those runs were fp32
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
 
     def _validate(self) -> None:
         """ValueError for settings that cannot run together (runs once, when the config is built)."""
+        check_dtype(self.dtype)
+        if self.distribution != "lowrank" and (self.lowrank_r is not None or self.lowrank_lazy is not None):
+            raise ValueError(f"lowrank_r and lowrank_lazy are options of distribution 'lowrank', got distribution "
+                             f"{self.distribution!r}")
         if self.objective not in ObjectiveKind.values():
             raise ValueError(f"objective must be one of {', '.join(ObjectiveKind.values())}, got {self.objective!r}")
         if self.select_on not in (None, "dev"):
@@ -92,15 +102,38 @@ class TrainConfig:
             if self.final_split == "dev":
                 raise ValueError("select_on='dev' with final_split='dev' would report on the selection split; "
                                  "report on 'test'")
-        if self.batched_pm and (not self.lora or self.perturb == "inplace"):
-            raise ValueError("batched_pm runs the +/- passes of LoRA adapters in one forward with virtual "
-                             "perturbation: it needs lora=True and perturb 'virtual' (or unset)")
+        if self.batched_pm and ((not self.lora and self.distribution != "lowrank") or self.perturb == "inplace"):
+            raise ValueError("batched_pm runs the +/- passes of LoRA adapters (or, with distribution 'lowrank', of "
+                             "any weights) in one forward with virtual perturbation: it needs lora=True or "
+                             "distribution 'lowrank', and perturb 'virtual' (or unset)")
         if self.shard not in SHARD_MODES:
             raise ValueError(f"shard must be one of {', '.join(SHARD_MODES)}, got {self.shard!r}")
+        if self.prefix_tokens is not None:
+            self._check_prefix()
         m = self.max_minutes
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
                               or m <= 0):
             raise ValueError(f"max_minutes must be a number > 0 or None (no budget), got {m!r}")
+
+    def _check_prefix(self) -> None:
+        """MeZO-prefix takes the place of the default LoRA: refuse what it cannot run with."""
+        n = self.prefix_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"prefix_tokens must be an int >= 1 (the learned key/value vectors per layer), got {n!r}")
+        if not self.lora:
+            raise ValueError("prefix_tokens (MeZO-prefix) and lora=False (full-parameter MeZO) are two different "
+                             "methods: choose one")
+        defaults = {f.name: f.default for f in fields(self)}
+        lora_set = [f"{k}={getattr(self, k)!r}" for k in ("lora_r", "lora_alpha", "lora_targets", "lora_first_layer")
+                    if getattr(self, k) != defaults[k]]
+        if lora_set:
+            raise ValueError(f"prefix_tokens (MeZO-prefix) replaces LoRA, so LoRA settings cannot apply: "
+                             f"{', '.join(lora_set)}; drop them or drop prefix_tokens")
+        if self.batched_pm:
+            raise ValueError("batched_pm batches LoRA adapters' +/- passes; MeZO-prefix has no adapter to batch: "
+                             "drop batched_pm")
+        if self.shard != "none":
+            raise ValueError(f"prefix_tokens with shard={self.shard!r}: MeZO-prefix runs replicated (shard 'none')")
 
     def check_world_size(self, world_size: int) -> None:
         """ValueError when these settings cannot run on ``world_size`` processes (called where the launch is

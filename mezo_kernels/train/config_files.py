@@ -8,7 +8,8 @@ the file on. Fields the file leaves out keep ``TrainConfig``'s defaults (the REA
 every setting that differs from the demo, ``max_minutes: null`` included. Flags given on the command line win over
 the file; a task spec's ``objective`` fills in where neither chose one.
 
-A file asking for something the trainer cannot do yet (``prefix_tuning``) is refused with a ValueError saying so.
+MeZO-prefix (``prefix_tokens: N``) takes the place of LoRA: a LoRA setting given beside it, in the file or as a
+flag, is a ValueError naming both (``TrainConfig`` cannot tell a default from a value typed equal to it).
 """
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ __all__ = ["load_config_file", "config_from_cli", "CLI_ONLY"]
 
 # train flags that are not settings of the run
 CLI_ONLY = frozenset({"cmd", "argv", "config", "no_progress", "ddp"})
-_UNSUPPORTED = {
-    "prefix_tuning": "prefix tuning (MeZO-prefix: trainable key/value prefixes, the reference's --prefix_tuning "
-                     "--num_prefix 5 --no_reparam --prefix_init_by_real_act) is not supported by this trainer yet",
-}
+_LORA = ("lora", "lora_r", "lora_alpha", "lora_targets", "lora_first_layer")   # fields --prefix-tokens replaces
+_FLAG = {"lora": "--full-param"}                                                  # the flag that sets a field
 _TYPES = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "dict": (dict,), "None": (type(None),),
           "list[str]": (list,)}
 
@@ -77,8 +76,6 @@ def load_config_file(path: str | Path) -> tuple[dict, dict]:
     for k, v in raw.items():
         if k == "meta":
             continue
-        if k in _UNSUPPORTED:
-            raise ValueError(f"config file {path}: {_UNSUPPORTED[k]}")
         if k not in known:
             raise ValueError(f"config file {path}: unknown field {k!r} (TrainConfig fields: {', '.join(known)})")
         _check_value(f"config file {path}", known[k], v)
@@ -114,12 +111,19 @@ def config_from_cli(args: Mapping[str, Any], explicit: set[str]) -> tuple[TrainC
     flags (those typed on the command line) on top. The task's ``objective`` (a task spec's) is the run's where
     neither a flag nor the file chose one. The task is resolved (a spec file read) here, and only here."""
     cfg_file = args.get("config")
+    typed = _from_flags({k: v for k, v in args.items() if k in explicit})
     if cfg_file:
         fields, _ = load_config_file(cfg_file)
         chose_objective = "objective" in fields or "objective" in explicit
-        fields.update(_from_flags({k: v for k, v in args.items() if k in explicit}))
+        given = {k: f"{k} in {cfg_file}" for k in fields}
+        fields.update(typed)
     else:
-        fields, chose_objective = _from_flags(args), "objective" in explicit
+        fields, chose_objective, given = _from_flags(args), "objective" in explicit, {}
+    given.update({k: _FLAG.get(k, "--" + k.replace("_", "-")) for k in typed})
+    clash = [given[k] for k in _LORA if k in given]
+    if fields.get("prefix_tokens") is not None and clash:
+        raise ValueError(f"{given['prefix_tokens']} (MeZO-prefix) replaces LoRA and full-parameter MeZO: it cannot "
+                         f"be combined with {', '.join(clash)}")
     task = get_task(fields.get("task", TrainConfig.task))
     if not chose_objective and task.objective is not None:
         fields["objective"] = task.objective

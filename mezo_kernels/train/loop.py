@@ -2,8 +2,9 @@
 
 It composes (data, tasks, models, objectives, forward, optim) and the run context (run.py: ranks, printing,
 files, resume, communication stats) and computes nothing itself. A run writes ``config.json``, ``seeds.jsonl``
-(replay log), ``metrics.jsonl``, ``evals.jsonl``, ``adapter/`` (peft format; ``model/`` in full-parameter mode),
-``curves.png`` and ``summary.json`` to ``output_dir``. Batches depend only on (seed, step), so a resumed run sees
+(replay log), ``metrics.jsonl``, ``evals.jsonl``, ``adapter/`` (LoRA or a causal LM's prefix: peft format; a
+masked LM's prefix: ``prefix/masked.py``'s; ``model/`` in full-parameter mode), ``curves.png`` and ``summary.json``
+to ``output_dir``. Batches depend only on (seed, step), so a resumed run sees
 the same data as an uninterrupted one.
 
 ``select_on="dev"`` keeps the weights of the best evaluation on the k-shot dev split (selection.py) and reports
@@ -35,7 +36,9 @@ from ..tasks import objectives
 from ..tasks import registry as tasks
 from ..tasks.records import Example, Task
 from ..forward import ForwardEngine
+from ..prefix import add_prefix, is_masked_prefix, load_masked_prefix
 from ..optim import MeZO
+from . import dtype as dtypes
 from . import sharding
 from .config import TrainConfig
 from .files import replaced_dir
@@ -45,14 +48,20 @@ from .selection import BestWeights
 __all__ = ["build", "evaluate", "batch_for", "train", "save_weights", "load_adapter"]
 
 
-def build(cfg: TrainConfig, adapter: str | Path | None = None, *, task: Task | None = None):
+def build(cfg: TrainConfig, adapter: str | Path | None = None, *, task: Task | None = None, loaded=None):
     """(model, tokenizer, task, objective, trainable params) with the seeded initial weights of ``cfg``, and the
     peft ``adapter`` folder on top when given. Causal objectives get a forward engine (``cfg.prefix_reuse``: every
     exact reuse; else the plain forward, which still reports its stats). ``task``: the record of ``cfg.task`` when
-    the caller has resolved it already (else it is resolved here)."""
+    the caller has resolved it already (else it is resolved here). ``loaded``: ``(model, tokenizer, kind)`` of
+    ``cfg.model`` already loaded in its dtype (``dtype.load_model``); else it is loaded here, ``cfg.dtype`` ``auto``
+    resolved by ``dtype.choose``."""
     task = tasks.get_task(cfg.task) if task is None else task
-    model, tok, kind = models.load_model(cfg.model, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
-    if cfg.lora:
+    if loaded is None:
+        loaded = dtypes.load_model(cfg.model, cfg.dtype, seed=cfg.seed, seq=cfg.max_length)[:3]
+    model, tok, kind = loaded
+    if cfg.prefix_tokens is not None:          # MeZO-prefix in place of LoRA, from real tokens drawn with the seed
+        model = add_prefix(model, cfg.prefix_tokens, seed=cfg.seed)
+    elif cfg.lora:
         torch.manual_seed(cfg.seed)            # peft draws LoRA A from the global generator
         model = models.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                                 first_layer=cfg.lora_first_layer)
@@ -102,20 +111,26 @@ def train(cfg: TrainConfig, progress: bool = True, ddp: bool | None = None,
 def _train(cfg: TrainConfig, run: Run, task: Task, clock: Callable[[], float] = time.monotonic) -> dict:
     splits = data.load_task_splits(task, cfg.data_dir, cfg.protocol, cfg.k, cfg.seed, train_file=cfg.train_file,
                                    eval_file=cfg.eval_file, test_file=cfg.test_file)
-    model, _, _, obj, _ = build(cfg, task=task)
+    recorded = run.recorded_dtype() if cfg.dtype == "auto" else None     # --resume: never decided again
+    *loaded, choice = dtypes.load_model(cfg.model, cfg.dtype, seed=cfg.seed, seq=cfg.max_length, recorded=recorded,
+                                        decide=run.main, share=run.shared)
+    cfg = run.use_dtype(choice)                                    # the resolved dtype, recorded from here on
+    model, _, _, obj, _ = build(cfg, task=task, loaded=loaded)
     model = sharding.shard_model(model, cfg.shard, run.info.world_size)
     params = models.trainable_parameters(model)          # after sharding: the DTensors that replaced the weights
     loss_fn = run.loss_fn(obj, cfg.objective, params)
     opt = MeZO(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend,
                n_directions=cfg.n_directions, schedule=cfg.schedule, total_steps=cfg.steps,
                perturb="virtual" if cfg.batched_pm else cfg.perturb, model=model, distribution=cfg.distribution,
+               lowrank_r=cfg.lowrank_r, lowrank_lazy=cfg.lowrank_lazy,
                loss_group=False)        # loss_fn reduces over the ranks already (per-example all-gather, broadcast)
     step_on = _stepper(cfg, opt, model, obj, loss_fn)
     best = BestWeights(params) if cfg.select_on else None
     resumed = run.begin(opt, best, examples_digest(splits.train, splits.dev))
     final_eval = data.subsample(getattr(splits, cfg.final_split), cfg.eval_max, cfg.seed)
     periodic = data.subsample(getattr(splits, cfg.eval_split), cfg.eval_max, cfg.seed + 1)
-    summary: dict = {"config": run.config, "backend": opt.param_sets[0].backend,
+    summary: dict = {"config": run.config, "dtype": cfg.dtype, "dtype_choice": choice.as_dict(),
+                     "backend": opt.param_sets[0].backend,
                      "trainable": sum(p.numel() for _, p in params)}
     if not resumed:
         summary["before"] = run.log_eval(0, cfg.final_split, evaluate(model, obj, final_eval, cfg.eval_batch_size),
@@ -194,7 +209,10 @@ def save_weights(model, out: Path, lora: bool, state_dict: dict | None = None) -
 
 
 def load_adapter(model, path: str | Path):
-    """``model`` with the peft adapter saved in ``path`` (e.g. a run's ``adapter/``) on top, in eval mode."""
+    """``model`` with the adapter saved in ``path`` (e.g. a run's ``adapter/``: peft's, or a masked LM's learned
+    prefix) on top, in eval mode."""
+    if is_masked_prefix(path):
+        return load_masked_prefix(model, path)
     from peft import PeftModel
     model = PeftModel.from_pretrained(model, str(path))
     model.eval()

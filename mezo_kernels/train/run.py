@@ -90,6 +90,33 @@ class Run:
         return self.out / "seeds.jsonl"
 
     # ------------------------------------------------------------------------------------------ set-up
+    def recorded_dtype(self) -> str | None:
+        """On ``--resume`` of a logged run: the dtype its ``config.json`` recorded (``float32`` before the setting
+        existed), on every rank (rank 0 reads it); else None. A resumed run never decides ``auto`` again."""
+        rec, error = None, None
+        if self.main and self.cfg.resume and self.log_path.exists() and (self.out / "config.json").exists():
+            try:
+                rec = json.loads((self.out / "config.json").read_text()).get("dtype", "float32")
+            except (ValueError, OSError) as e:  # raised on every rank below, instead of a hang in the broadcast
+                error = e
+        rec, error = self.shared((rec, error))
+        if error is not None:
+            raise error
+        return rec
+
+    def shared(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a decision taken from a local measurement must be the same on all)."""
+        return distributed.broadcast_object(value) if self.multi else value
+
+    def use_dtype(self, choice: Any) -> TrainConfig:
+        """Make ``choice`` (a ``dtype.DtypeChoice``) the run's dtype: ``cfg.dtype``, ``config.json``, the seed log's
+        header, ``summary.json`` and the progress bar name the resolved one. Returns the run's new config."""
+        if choice.dtype != self.cfg.dtype:     # "auto" resolved: the one replacement (and validation) it needs
+            self.cfg = dataclasses.replace(self.cfg, dtype=choice.dtype)
+        self.config["dtype"] = choice.dtype
+        self.say(f"dtype {choice.dtype} ({choice.reason})")
+        return self.cfg
+
     def loss_fn(self, objective: Callable, kind: str, params: Sequence[tuple[str, torch.Tensor]]
                 ) -> Callable[[Any, Sequence], float]:
         """``loss(model, batch) -> float``, the same bits on every rank: the objective reduced with ``kind`` in one
@@ -143,7 +170,7 @@ class Run:
             for p in (self.metrics_path, self.evals_path):
                 p.unlink(missing_ok=True)
         write_text(self.out / "config.json", json.dumps(self.config, indent=1))
-        extra = {"model": self.cfg.model, "task": self.cfg.task,
+        extra = {"model": self.cfg.model, "task": self.cfg.task, "dtype": self.cfg.dtype,
                  **({"world_size": self.info.world_size, "shard": self.cfg.shard} if self.multi else {})}
         self._writer = SeedLogWriter(str(self.log_path), opt.config(), extra, resume=resumed)
         return resumed
@@ -175,7 +202,7 @@ class Run:
         closed after. Communication is counted from here."""
         from tqdm.auto import tqdm
         self._bar = tqdm(total=self.cfg.steps, initial=opt.step_count, disable=not self.progress, unit="step",
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, desc=self.cfg.dtype)          # the dtype that runs
         self._comm_start = self._comm_last = self.comm.snapshot() if self.comm else None
         self._first_step = opt.step_count
         try:

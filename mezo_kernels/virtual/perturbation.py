@@ -32,6 +32,9 @@ from torch import nn
 from .. import _compat, rng
 from . import state as weight_state
 from ..perturb import ParamSet
+from ..perturb.lowrank_part import seed_pair
+from .lowrank import LowRankHooks, materialised
+from .arena import arena_bytes, own_buffer
 from .sharded import Wrapped, materialise
 from .slices import perturbed_rows, sliced_forward
 
@@ -53,7 +56,9 @@ class VirtualPerturbation:
             entries of the sets (``virtual.sharded``); they are materialised whole, never in slices.
 
     Attributes (statistics): ``copies`` (materialisations so far), ``live_bytes`` (transient buffers alive now),
-    ``peak_bytes`` (their largest total since construction or :meth:`reset_peak`), ``unreached`` (names of the
+    ``peak_bytes`` (their largest total since construction or :meth:`reset_peak`), ``reserved_bytes`` (what the
+    transient memory holds from the system now: the pass's whole arena, used or not, plus the buffers outside it),
+    ``peak_reserved_bytes`` (its largest value since construction or :meth:`reset_peak`), ``unreached`` (names of the
     tensors that no forward materialised during the last ``perturbed`` block).
     """
 
@@ -95,6 +100,15 @@ class VirtualPerturbation:
             raise ValueError(f"{len(missing)} trainable tensor(s) are not parameters of any module of the model "
                              f"(first: {missing[0]}); virtual perturbation swaps them inside their module's "
                              "forward, so pass model= the module tree that owns them (or perturb='inplace')")
+        # low-rank weights (distribution="lowrank") take a rank-r term in their module's output instead of a copy
+        # (an embedding subclass reading other inputs is materialised instead: ``virtual.lowrank.materialised``)
+        term = lambda m, e: _is_lowrank(self.param_sets, e) and not materialised(m)  # noqa: E731
+        low = [(m, [e for e in own if term(m, e)]) for m, own in self._owners]
+        low = [(m, es) for m, es in low if es]
+        self._lowrank = LowRankHooks(self.param_sets, low) if low else None
+        if low:
+            self._owners = [(m, [e for e in own if not term(m, e)]) for m, own in self._owners]
+            self._owners = [(m, own) for m, own in self._owners if own]
         self._arena: torch.Tensor | None = None              # transient buffers of one block (see _alloc)
         self._arena_need, self._top, self._marks = 0, 0, []
         # owners whose large weight goes in slices: their forward is replaced during a block instead of hooked
@@ -106,13 +120,10 @@ class VirtualPerturbation:
         sliced = {id(m) for m, _ in self._sliced}
         self._hooked = [(m, own) for m, own in self._owners if id(m) not in sliced]
         self._by_id = {id(m): own for m, own in self._hooked}   # the modules are alive as long as the model
-        # the arena holds any module's buffers up to half of slice_bytes: the few larger ones (an LM head below
-        # the slicing threshold) are allocated only while their module runs, so the arena never holds them
-        cap = (slice_bytes or 0) // 2
-        for _, own in self._hooked:
-            need = sum(self._bytes(si, ti) for _, si, ti in own)
-            if need <= cap:
-                self._arena_need = max(self._arena_need, need)
+        # the arena holds any module's buffers up to half of slice_bytes, except those of the one module larger
+        # than all others (arena.arena_bytes): the rest (an LM head) are allocated only while their module runs
+        self._arena_need = max(self._arena_need, arena_bytes(
+            [sum(self._bytes(si, ti) for _, si, ti in own) for _, own in self._hooked], (slice_bytes or 0) // 2))
         self._active: tuple[int, float] | None = None
         self._depth: dict[int, int] = {}                      # id(module) -> nesting depth of its forward
         self._swapped: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}
@@ -120,6 +131,8 @@ class VirtualPerturbation:
         self.copies = 0
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.reserved_bytes = 0
+        self.peak_reserved_bytes = 0
         self.unreached: list[str] = []
 
     @property
@@ -129,6 +142,7 @@ class VirtualPerturbation:
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
+        self.peak_reserved_bytes = self.reserved_bytes
 
     # ------------------------------------------------------------------------------------------- the block
     @contextlib.contextmanager
@@ -136,12 +150,15 @@ class VirtualPerturbation:
         """Every owner module's forward inside the block reads ``round(theta + offset*z(seed))``."""
         if self._active is not None:
             raise RuntimeError(f"already perturbed by seed {self._active[0]}: virtual perturbations do not nest")
-        seed, offset = rng.check_seed(seed), float(offset)
+        seed = seed_pair(seed) if isinstance(seed, tuple) else rng.check_seed(seed)   # a pair: lazy low-rank V
+        offset = float(offset)
         entries = {}
         for ps in self.param_sets:
-            for t, base in zip(ps.tensors, ps.bases):
+            for i, (t, base) in enumerate(zip(ps.tensors, ps.bases)):
                 if t.numel():
-                    entries[t.data_ptr()] = weight_state.Perturbation(seed, offset, ps.distribution, int(base))
+                    dist = f"lowrank{ps.lowrank.r}" if ps.lowrank is not None and ps.lowrank.covers(i) else \
+                        ps.distribution
+                    entries[t.data_ptr()] = weight_state.Perturbation(seed, offset, dist, int(base))
         handles, installed = [], []
         self._reached.clear()
         with weight_state.activated(entries):
@@ -150,6 +167,8 @@ class VirtualPerturbation:
                 for module, _ in self._hooked:
                     handles.append(module.register_forward_pre_hook(self._pre))
                     handles.append(module.register_forward_hook(self._post, always_call=True))
+                if self._lowrank is not None:
+                    handles += self._lowrank.install(seed, offset, self._reached)
                 for module, fwd in self._sliced:
                     if "forward" in vars(module):
                         raise RuntimeError(f"{type(module).__name__} already has its forward replaced (another "
@@ -160,10 +179,13 @@ class VirtualPerturbation:
             finally:
                 for h in handles:
                     h.remove()
+                if self._lowrank is not None:
+                    self._lowrank.clear()
                 for module in installed:
                     del module.forward
                 self._put_back_all()
                 self.live_bytes, self._top, self._marks, self._arena = 0, 0, [], None   # the arena lives per block
+                self.reserved_bytes = 0
                 self._active = None
                 self._depth.clear()
                 self.unreached = [self.param_sets[si].names[ti] for si, ps in enumerate(self.param_sets)
@@ -198,8 +220,12 @@ class VirtualPerturbation:
             return self.param_sets[bsi].perturbed_copy(*self._active, bti, out=self._alloc(b.shape, b))
 
         block = max(1, slice_bytes // 2 // row_bytes)
-        self._arena_need = max(self._arena_need, block * row_bytes + 2 * _ALIGN + sum(
-            self.param_sets[s_].tensors[t_].numel() * theta.element_size() for n_, s_, t_ in own if n_ != "weight"))
+        # an embedding's rows (its batch's distinct tokens, unknown here) share the arena sized by the others or
+        # get their own buffer: a block reserved for them was held through every pass, loss included (#21, item 5)
+        if type(module) is nn.Linear:
+            self._arena_need = max(self._arena_need, block * row_bytes + 2 * _ALIGN + sum(
+                self.param_sets[s_].tensors[t_].numel() * theta.element_size() for n_, s_, t_ in own
+                if n_ != "weight"))
         return sliced_forward(module, weight, lambda buf: self._free(), bias, block)
 
     # ------------------------------------------------------------------------------------------- transient memory
@@ -212,19 +238,30 @@ class VirtualPerturbation:
         start = self._top
         if not torch.is_grad_enabled() and start + n <= self._arena_need:
             if self._arena is None or self._arena.device != like.device:
-                self._arena = torch.empty(self._arena_need, dtype=torch.uint8, device=like.device)
+                self.reserved_bytes += self._arena_need if self._arena is None else 0
+                self._arena = own_buffer((self._arena_need,), torch.uint8, like.device)   # see arena.py
             buf = self._arena[start:start + n].view(like.dtype).view(shape)
             self._top = start + -(-n // _ALIGN) * _ALIGN
+            own = 0
         else:
-            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        self._marks.append((start, n))
+            if start == 0 and self._arena is not None:
+                # nothing lives in the arena: free it before a buffer too large for it (the one largest module,
+                # arena.arena_bytes), so the two are never held at once; a later module maps a new one
+                self._arena = None
+                self.reserved_bytes -= self._arena_need
+            buf = own_buffer(shape, like.dtype, like.device)
+            own = n
+        self._marks.append((start, n, own))
         self.copies += 1
         self.live_bytes += n
+        self.reserved_bytes += own
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
         return buf
 
     def _free(self) -> None:
-        start, n = self._marks.pop()
+        start, n, own = self._marks.pop()
+        self.reserved_bytes -= own
         self._top = start
         self.live_bytes -= n
 
@@ -282,6 +319,11 @@ class VirtualPerturbation:
         n = self._wrapped[ti].nbytes() if si < 0 else \
             self.param_sets[si].tensors[ti].numel() * self.param_sets[si].tensors[ti].element_size()
         return -(-n // _ALIGN) * _ALIGN
+
+
+def _is_lowrank(param_sets: Sequence[ParamSet], entry: tuple[str, int, int]) -> bool:
+    _, si, ti = entry
+    return si >= 0 and param_sets[si].lowrank is not None and param_sets[si].lowrank.covers(ti)
 
 
 def _in(output, arena: torch.Tensor) -> bool:
