@@ -13,6 +13,8 @@ pytest.importorskip("peft")
 
 from mezo_kernels.train import dtype as dtypes  # noqa: E402
 from mezo_kernels.train.cli import main  # noqa: E402
+import dataclasses  # noqa: E402
+
 from mezo_kernels.train.config import TrainConfig  # noqa: E402
 
 AMX = frozenset({"fpu", "avx2", "avx512f", "amx_bf16", "amx_tile"})
@@ -395,3 +397,11 @@ def test_a_bf16_build_keeps_lora_fp32_and_scores_and_losses_in_fp32(cpu, data_di
     ref = torch.nn.functional.cross_entropy(out.logits.double(), out.labels, reduction="none")
     torch.testing.assert_close(out.per_example.double(), ref, rtol=2e-7, atol=1e-7)
     torch.testing.assert_close(out.loss.double(), ref.mean(), rtol=2e-7, atol=1e-7)
+
+
+def test_with_dtype_resolves_auto_without_validating_again():
+    cfg = TrainConfig(dtype="auto")
+    new = cfg.with_dtype("bfloat16")
+    assert (new.dtype, cfg.dtype) == ("bfloat16", "auto") and dataclasses.replace(new, dtype="auto") == cfg
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        cfg.with_dtype("auto")

@@ -8,6 +8,7 @@ by :meth:`TrainConfig.check_world_size` where the launch is decided (``run.Run.s
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -84,6 +85,13 @@ class TrainConfig:
         saved = json.loads(Path(path).read_text())
         saved.setdefault("dtype", "float32")      # written before the setting existed: those runs were fp32
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
+
+    def with_dtype(self, dtype: str) -> "TrainConfig":
+        """This config with ``auto`` resolved to ``dtype``: the one field that changes is checked, nothing else is
+        validated again (the rest was, when this config was built)."""
+        new = copy.copy(self)
+        object.__setattr__(new, "dtype", check_dtype(dtype, allow_auto=False))
+        return new
 
     def _validate(self) -> None:
         """ValueError for settings that cannot run together (runs once, when the config is built)."""

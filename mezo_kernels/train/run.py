@@ -111,8 +111,7 @@ class Run:
     def use_dtype(self, choice: Any) -> TrainConfig:
         """Make ``choice`` (a ``dtype.DtypeChoice``) the run's dtype: ``cfg.dtype``, ``config.json``, the seed log's
         header, ``summary.json`` and the progress bar name the resolved one. Returns the run's new config."""
-        if choice.dtype != self.cfg.dtype:     # "auto" resolved: the one replacement (and validation) it needs
-            self.cfg = dataclasses.replace(self.cfg, dtype=choice.dtype)
+        self.cfg = self.cfg.with_dtype(choice.dtype)
         self.config["dtype"] = choice.dtype
         self.say(f"dtype {choice.dtype} ({choice.reason})")
         return self.cfg
