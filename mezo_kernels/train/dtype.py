@@ -34,9 +34,9 @@ __all__ = ["DTYPES", "DEFAULT", "TRAINER_DEFAULT", "BF16_FLAGS", "MIN_GAIN", "EN
            "cpu_flags", "forward_times", "choose", "load_model", "timing_module", "cast_model"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# the CLI's and TrainConfig's default: auto only once bf16 is within fp32's seed spread on the demo at equal steps
-# (issue #22); measured so far on the AMX box, seed 0 only: fp32 77.2 %, bf16 74.8 % (bench/RESULTS.md)
-DEFAULT = "float32"
+# the CLI's and TrainConfig's default: auto, since bf16 is within fp32's seed spread on the demo at equal steps
+# (issue #22; AMX box, 3 seeds x 450 steps: fp32 74.2 +- 4.5 %, bf16 71.2 +- 11.0 %; bench/RESULTS.md)
+DEFAULT = "auto"
 # MeZOTrainer's: auto (which only lowers fp32 models) when that is the default, else None (the model as loaded; a
 # default "float32" would upcast a model the user loaded in bf16)
 TRAINER_DEFAULT = DEFAULT if DEFAULT == "auto" else None
