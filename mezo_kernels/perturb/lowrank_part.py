@@ -29,7 +29,7 @@ from ..rng.lowrank import check_rank, uses_lowrank
 from .lowrank import lowrank_axpby_
 from .plan import _Group, fill_normal_
 
-__all__ = ["LowRankPart", "seed_pair", "SeedLike"]
+__all__ = ["LowRankPart", "seed_pair", "check_draw", "dense_seed", "SeedLike"]
 
 SeedLike = "int | tuple[int, int]"
 
@@ -42,6 +42,16 @@ def seed_pair(seed: object) -> tuple[int, int]:
         return rng.check_seed(seed[0]), rng.check_seed(seed[1])
     s = rng.check_seed(seed)
     return s, s
+
+
+def check_draw(seed: object) -> int | tuple[int, int]:
+    """What a direction draws from, checked once: a seed, or a ``(seed_u, seed_v)`` pair (lazy low-rank V)."""
+    return seed_pair(seed) if isinstance(seed, tuple) else rng.check_seed(seed)
+
+
+def dense_seed(draw: int | tuple[int, int]) -> int:
+    """The seed the dense tensors of a checked draw use: the seed itself, or a pair's seed_u."""
+    return draw[0] if isinstance(draw, tuple) else draw
 
 
 @dataclass

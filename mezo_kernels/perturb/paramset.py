@@ -25,7 +25,7 @@ from .. import _compat
 from .. import kernels as _bk
 from .. import rng
 from .copy import Copier, check_index
-from .lowrank_part import LowRankPart, seed_pair
+from .lowrank_part import LowRankPart, check_draw, dense_seed
 from .plan import TensorLike, _Group, check_tensor as _check_tensor, fill_normal_, fill_sign_, split_named
 from ..rng import Distribution, KernelMode
 
@@ -184,7 +184,7 @@ class ParamSet:
             self._lowrank.run(seed, plain, master, master_mode, stochastic)
             _compat.bump_version([e.w for e in self._lowrank.entries])
             self.launches += len(self._lowrank.entries)
-            seed = seed_pair(seed)[0]
+            seed = dense_seed(seed)
         for g in self._groups:
             if g.masters:
                 self.backend_for(master_mode).launch(g, seed, *master, master_mode, self._dist)
@@ -197,10 +197,14 @@ class ParamSet:
             self.launches += 1
         self.version += 1
 
+    def _check_draw(self, seed: object):
+        """A seed checked (``rng.check_seed``), or with ``lowrank_r`` also a ``(seed_u, seed_v)`` pair."""
+        return check_draw(seed) if self._lowrank is not None else rng.check_seed(seed)
+
     def _prepare(self, seed: int) -> int:
         """The one check of a public call's seed (``rng.check_seed``; a pair with ``lowrank_r``); then the storage
         check."""
-        seed = seed_pair(seed) if self._lowrank is not None and isinstance(seed, tuple) else rng.check_seed(seed)
+        seed = self._check_draw(seed)
         self._check_storage()
         return seed
 
@@ -271,7 +275,7 @@ class ParamSet:
 
     # ------------------------------------------------------------------------------------------- copies (mode OUT)
     def _prepare_copy(self, seed: int, index: int | None = None) -> int:
-        seed = seed_pair(seed) if self._lowrank is not None and isinstance(seed, tuple) else rng.check_seed(seed)
+        seed = self._check_draw(seed)
         # one tensor's copy reads only that tensor: when its storage is the one the tables know, the scan of every
         # tensor's storage (a rebuild check, O(tensors) per call and so O(tensors^2) per virtual forward) can wait
         # for a call that reads the others
@@ -296,8 +300,7 @@ class ParamSet:
             _compat.bump_version([out])
             self.launches += 1
         elif self._tensors[index].numel():
-            dense = seed_pair(seed)[0] if self._lowrank is not None else seed
-            self._copier.copy(self.backend_for(KernelMode.OUT), dense, float(offset), index, out)
+            self._copier.copy(self.backend_for(KernelMode.OUT), dense_seed(seed), float(offset), index, out)
             self.launches += 1
         return out
 
@@ -307,7 +310,7 @@ class ParamSet:
         Returns tensors in ``tensors`` order, each of its theta's shape and dtype. theta is never written."""
         seed = self._prepare_copy(seed)
         backend = self.backend_for(KernelMode.OUT) if self._groups else None
-        outs = self._copier.copies(backend, seed_pair(seed)[0] if self._lowrank is not None else seed, float(offset))
+        outs = self._copier.copies(backend, dense_seed(seed), float(offset))
         self.launches += len(self._groups)
         for e in self._lowrank.entries if self._lowrank is not None else ():
             self._lowrank.copy(seed, float(offset), e.index, outs[e.index])

@@ -23,11 +23,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .. import rng
 from ..forward import ForwardEngine
 from ..virtual.grouped_lora import GroupedLoRA
 from ..virtual.grouped_lowrank import GroupedLowRank
-from ..perturb.lowrank_part import seed_pair
+from ..perturb.lowrank_part import check_draw
 from ..optim import projected_grad
 from ..tasks.metrics import ObjectiveKind, Reduction, from_scores, objective_value
 from ..perturb import ParamSet
@@ -58,7 +57,7 @@ def tile_encoding(enc: dict[str, torch.Tensor], groups: int) -> dict[str, torch.
 
 
 def _check(seeds: Sequence[int], eps: float, max_rows: int | None) -> tuple[list[int], float]:
-    seeds = [seed_pair(s) if isinstance(s, tuple) else rng.check_seed(s) for s in seeds]   # a pair: lazy V
+    seeds = [check_draw(s) for s in seeds]       # a pair: lazy low-rank V
     if not seeds:
         raise ValueError("seeds is empty: give one seed per direction")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:

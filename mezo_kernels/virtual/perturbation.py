@@ -29,10 +29,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import _compat, rng
+from .. import _compat
 from . import state as weight_state
 from ..perturb import ParamSet
-from ..perturb.lowrank_part import seed_pair
+from ..perturb.lowrank_part import check_draw
 from .lowrank import LowRankHooks, materialised
 from .arena import arena_bytes, own_buffer
 from .sharded import Wrapped, materialise
@@ -150,7 +150,7 @@ class VirtualPerturbation:
         """Every owner module's forward inside the block reads ``round(theta + offset*z(seed))``."""
         if self._active is not None:
             raise RuntimeError(f"already perturbed by seed {self._active[0]}: virtual perturbations do not nest")
-        seed = seed_pair(seed) if isinstance(seed, tuple) else rng.check_seed(seed)   # a pair: lazy low-rank V
+        seed = check_draw(seed)                  # a pair: lazy low-rank V
         offset = float(offset)
         entries = {}
         for ps in self.param_sets:
