@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -67,13 +68,18 @@ class Learner:
     def __init__(self, a: argparse.Namespace, method: str, model, obj, params) -> None:
         self.method, self.model, self.obj = method, model, obj
         self.tensors = [p for _, p in params]
+        total = total_steps(a)
+        self.sched = None
         if method.startswith("mezo"):
             self.opt = MeZO(params, lr=a.lr, eps=a.eps, seed=a.seed, n_directions=a.n_directions, model=model,
-                            distribution=a.distribution,
+                            distribution=a.distribution, schedule=a.schedule,
+                            total_steps=total if a.schedule == "linear" else None,
                             lowrank_r=a.lowrank_r if a.distribution == "lowrank" else None)
             self.loss = objectives.scalar_objective(obj, a.objective)
         else:
             self.opt = torch.optim.AdamW(self.tensors, lr=a.lr, weight_decay=0.0)
+            if a.schedule == "linear":      # the factor MeZO's own linear schedule applies: 1 - step / total
+                self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: max(0.0, 1.0 - t / total))
         self.cost = a.step_seconds
         self.zero_g = 0
 
@@ -88,7 +94,16 @@ class Learner:
             out = self.obj(self.model, batch)
             out.loss.backward()
             self.opt.step()
+            if self.sched is not None:
+                self.sched.step()
         return self.cost
+
+
+def total_steps(a: argparse.Namespace) -> int:
+    """Steps the largest budget buys: the horizon a linear schedule decays to 0 over (measure: its own steps)."""
+    if a.measure or not a.step_seconds:
+        return a.measure_steps + 1
+    return max(1, math.ceil(max(a.budgets_min) * 60.0 / a.step_seconds))
 
 
 def eval_best(best: BestWeights, tensors, model, obj, examples, bs: int, evaluate=evaluate) -> dict:
@@ -105,13 +120,16 @@ def eval_best(best: BestWeights, tensors, model, obj, examples, bs: int, evaluat
                 t.copy_(c)
 
 
-def run(a: argparse.Namespace) -> list[dict]:
+def run(a: argparse.Namespace, emit=lambda row: None) -> list[dict]:
+    """Train one run; ``emit(row)`` is called with each budget's row as soon as it is scored (a 60-minute run that
+    is stopped still keeps its 15- and 30-minute rows)."""
     method = a.method[0]
     model, obj, params, splits = setup(a, method)
     test = data.subsample(splits.test, a.test_max, a.seed)
     base = {"method": method, "task": a.task, "k": a.k, "seed": a.seed, "lr": a.lr, "eps": a.eps,
             "batch_size": a.batch_size, "max_length": a.max_length, "objective": a.objective,
             "distribution": a.distribution, "n_directions": a.n_directions, "step_seconds": a.step_seconds,
+            "schedule": a.schedule,
             **({"lowrank_r": a.lowrank_r} if a.distribution == "lowrank" else {}),
             **({"prefix_tokens": a.prefix_tokens} if method == "mezo-prefix" else {}),
             "sec_per_fe": a.sec_per_fe, "dtype": a.dtype_ran,
@@ -149,14 +167,17 @@ def run(a: argparse.Namespace) -> list[dict]:
                 stopped = "patience"
             m = budgets[len(rows)]
             rows.append(dict(base, budget_min=m, seconds=round(spent, 1), steps=steps,
+                             wall_s=round(time.perf_counter() - t0),
                              fe=round(spent / a.sec_per_fe, 1) if a.sec_per_fe else None,
                              best_step=best.best_step, dev=best.best, dev_curve=list(curve), stopped=stopped,
                              zero_grad_rate=learner.zero_g / steps if method.startswith("mezo") else None,
                              test=eval_best(best, learner.tensors, model, obj, test, a.eval_batch_size)))
+            emit(rows[-1])
             limits.pop(0)
             if stopped == "patience":       # every later budget reports the same selected weights
                 for m2 in budgets[len(rows):]:
                     rows.append(dict(rows[-1], budget_min=m2))
+                    emit(rows[-1])
                 limits.clear()
     return rows
 
@@ -193,6 +214,10 @@ def measure(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def method_untrained(a: argparse.Namespace) -> bool:
+    return a.method[0] in ("zeroshot", "icl")
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", nargs="+", choices=METHODS, required=True)
@@ -206,6 +231,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                   help="lr schedule: constant, or linear decay to 0 at the largest budget's step count")
     p.add_argument("--n-directions", type=int, default=1)
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher", "lowrank"])
     p.add_argument("--lowrank-r", type=int, default=1, help="--distribution lowrank: the rank r")
@@ -243,12 +270,19 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = measure(a) if a.measure else run(a)
-    if a.out and not a.measure:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
+    def append(row: dict) -> None:              # one line per row, flushed as it comes
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if a.measure:
+        rows = measure(a)
+    else:
+        rows = run(a, emit=append)
+        if method_untrained(a):                 # zeroshot / icl return their one row without a training loop
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                append(r)
     for r in rows:
         if not a.measure:
             print(json.dumps({k: r[k] for k in ("method", "seed", "lr", "budget_min", "steps", "test")}))

@@ -4,8 +4,8 @@
     .venv/bin/python bench/quality_report.py RUNS --plot bench/quality_sst2.png
     .venv/bin/python bench/quality_report.py RUNS --choose mezo-lora --task sst2 --k 16   # prints the lr
 
-The lr of a method is chosen on seed 0's k-shot dev split only: the best dev evaluation (accuracy, then loss, as
-``selection.is_better``) at the largest budget. The reported split is never read by the choice.
+The lr (and schedule) of a method is chosen on seed 0's k-shot dev split only: the best dev evaluation (accuracy,
+then loss, as ``selection.is_better``) at the largest budget. The reported split is never read by the choice.
 """
 from __future__ import annotations
 
@@ -23,10 +23,19 @@ BASELINE = dict(objective="ce", distribution="gaussian", n_directions=1, eps=Non
 
 
 def load(path: str | Path) -> list[dict]:
+    """The rows of ``path``; a run recorded twice (a phase started again after an interruption writes the budgets
+    it had reached once more) counts once, its last record."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no runs recorded")
-    return rows
+    return list({setting_of(r): r for r in rows}.values())
+
+
+def setting_of(r: dict) -> tuple:
+    """What makes a row its own measurement: the method as the tables name it, task, k, seed, lr, eps, objective,
+    directions, dtype and budget."""
+    return (method_of(r), task_of(r), r["k"], r["seed"], r.get("lr"), r.get("eps"), r.get("objective"),
+            r.get("n_directions"), r.get("dtype"), r["budget_min"])
 
 
 def task_of(r: dict) -> str:
@@ -37,8 +46,9 @@ def task_of(r: dict) -> str:
 
 
 def _cell(r: dict, method: str, task: str, k: int) -> bool:
-    """``r`` is a main-comparison row of ``method`` on ``task`` (as :func:`task_of` names it) at ``k``."""
-    return (r["method"], task_of(r), r["k"]) == (method, task, k) and is_main(r)
+    """``r`` is a main-comparison row of ``method`` (as :func:`family_of` names it) on ``task`` (as :func:`task_of`
+    names it) at ``k``."""
+    return (family_of(r), task_of(r), r["k"]) == (method, task, k) and is_main(r)
 
 
 def is_main(r: dict) -> bool:
@@ -49,30 +59,46 @@ def is_main(r: dict) -> bool:
             and (not r["method"].startswith("mezo") or r["eps"] == eps_default))
 
 
-def choose(rows: list[dict], method: str, task: str, k: int) -> float:
-    """The lr whose seed-0 run has the best dev evaluation at its largest budget."""
-    last: dict[float, dict] = {}
-    for r in rows:
-        if _cell(r, method, task, k) and r["seed"] == 0:
-            if r["lr"] not in last or r["budget_min"] > last[r["lr"]]["budget_min"]:
-                last[r["lr"]] = r
-    if not last:
+def schedule_of(r: dict) -> str:
+    """The row's lr schedule (rows from before ``--schedule`` ran a constant lr)."""
+    return r.get("schedule", "constant")
+
+
+def choose_setting(rows: list[dict], method: str, task: str, k: int) -> tuple[float, str]:
+    """The (lr, schedule) whose seed-0 run has the best dev evaluation at the largest budget any of them reached
+    (a setting that stopped short of it is not compared)."""
+    cand = [r for r in rows if _cell(r, method, task, k) and r["seed"] == 0]
+    if not cand:
         raise ValueError(f"no seed-0 runs of {method} on {task} k={k} to choose from")
+    top = max(r["budget_min"] for r in cand)
+    last = {(r["lr"], schedule_of(r)): r for r in cand if r["budget_min"] == top}
     best = None
-    for lr in sorted(last):
-        if best is None or is_better(last[lr]["dev"], last[best]["dev"]):
-            best = lr
+    for key in sorted(last):
+        if best is None or is_better(last[key]["dev"], last[best]["dev"]):
+            best = key
     return best
 
 
-def seeded_lr(rows: list[dict], method: str, task: str, k: int) -> float | None:
-    """The lr a method was taken to seeds 1, 2, ... with (the most seeds), or None when no lr ran on two seeds."""
-    seeds: dict[float, set] = defaultdict(set)
+def choose(rows: list[dict], method: str, task: str, k: int) -> float:
+    """The lr of :func:`choose_setting`."""
+    return choose_setting(rows, method, task, k)[0]
+
+
+def seeded_setting(rows: list[dict], method: str, task: str, k: int) -> tuple[float, str] | None:
+    """The (lr, schedule) a method was taken to seeds 1, 2, ... with (the most seeds), or None when none ran on
+    two seeds."""
+    seeds: dict[tuple[float, str], set] = defaultdict(set)
     for r in rows:
         if _cell(r, method, task, k):
-            seeds[r["lr"]].add(r["seed"])
-    best = max(seeds, key=lambda lr: (len(seeds[lr]), -lr)) if seeds else None
+            seeds[(r["lr"], schedule_of(r))].add(r["seed"])
+    best = max(seeds, key=lambda s: (len(seeds[s]), -s[0])) if seeds else None
     return best if best is not None and len(seeds[best]) > 1 else None
+
+
+def seeded_lr(rows: list[dict], method: str, task: str, k: int) -> float | None:
+    """The lr of :func:`seeded_setting`."""
+    best = seeded_setting(rows, method, task, k)
+    return None if best is None else best[0]
 
 
 def _ms(xs: list[float]) -> str:
@@ -85,13 +111,19 @@ def _ms(xs: list[float]) -> str:
 UNTRAINED = ("zeroshot", "icl")
 
 
-def method_of(r: dict) -> str:
-    """The row's method as the tables name it: ICL rows apart by their number of demonstrations."""
+def family_of(r: dict) -> str:
+    """The method a choice is made within: ICL rows apart by their number of demonstrations, low-rank rows by their
+    rank (``mezo-full lowrank r=1``); the lr schedule is part of the choice, not of the family."""
     if r["method"] == "icl" and "icl" in r:
         return f"icl K={r['icl']['k']}"
-    if r.get("distribution") == "lowrank":          # low-rank directions apart by their rank
+    if r.get("distribution") == "lowrank":
         return f"{r['method']} lowrank r={r.get('lowrank_r', 1)}"
     return r["method"]
+
+
+def method_of(r: dict) -> str:
+    """The row's method as the tables name it: its family, and a non-constant lr schedule."""
+    return family_of(r) if schedule_of(r) == "constant" else f"{family_of(r)} ({schedule_of(r)})"
 
 
 def main_table(rows: list[dict]) -> str:
@@ -157,24 +189,32 @@ def plot(rows: list[dict], path: str, k: int = 16, tasks: list[str] | None = Non
         raise ValueError(f"no trained runs with k={k} to plot")
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for method in ("mezo-lora", "bp-lora", "mezo-full", "bp-full"):
-            lr = seeded_lr(rows, method, task, k)
-            if lr is None:                                  # a one-seed grid: the dev split's choice
+        trained = sorted({family_of(r) for r in rows
+                          if r["method"] not in UNTRAINED and task_of(r) == task and r["k"] == k and is_main(r)})
+        for method in trained:
+            setting = seeded_setting(rows, method, task, k)
+            if setting is None:                             # a one-seed grid: the dev split's choice
                 if not any(_cell(r, method, task, k) for r in rows):
                     continue
-                lr = choose(rows, method, task, k)
+                setting = choose_setting(rows, method, task, k)
+            lr, schedule = setting
             pts = defaultdict(list)
             for r in rows:
-                if _cell(r, method, task, k) and r["lr"] == lr:
+                if _cell(r, method, task, k) and (r["lr"], schedule_of(r)) == setting:
                     pts[r["budget_min"]].append(100 * r["test"]["accuracy"])
             xs = sorted(pts)
             n = sorted({len(v) for v in pts.values()})
             ax.errorbar(xs, [statistics.mean(pts[x]) for x in xs],
                         yerr=[statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0 for x in xs], marker="o",
-                        capsize=3, label=f"{method} (lr {lr:g}, {'-'.join(map(str, n))} seeds)")
-        zs = [100 * r["test"]["accuracy"] for r in rows if r["method"] == "zeroshot" and task_of(r) == task]
-        if zs:
-            ax.axhline(statistics.mean(zs), color="gray", ls="--", label="zero-shot")
+                        capsize=3, label=f"{method} (lr {lr:g}{'' if schedule == 'constant' else ', ' + schedule}, "
+                                        f"{'-'.join(map(str, n))} seeds)")
+        flat: dict[str, list[float]] = defaultdict(list)    # untrained rows: a level line each (mean over seeds)
+        for r in rows:
+            if r["method"] in UNTRAINED and task_of(r) == task:
+                flat["zero-shot" if r["method"] == "zeroshot" else family_of(r)].append(100 * r["test"]["accuracy"])
+        for i, (name, accs) in enumerate(sorted(flat.items(), key=lambda kv: kv[0] != "zero-shot")):
+            ax.axhline(statistics.mean(accs), color=("gray", "tab:olive", "tab:cyan", "tab:pink")[i % 4],
+                       ls=("--", ":", "-.", ":")[i % 4], label=f"{name} ({len(accs)} seeds)" if i else name)
         if max((r["budget_min"] for r in rows if task_of(r) == task), default=0) > 20:
             ax.set_xscale("log")
             ticks = sorted({r["budget_min"] for r in rows
@@ -203,8 +243,9 @@ def main(argv=None) -> None:
     p.add_argument("--ablation-lr", type=float, default=None)
     a = p.parse_args(argv)
     rows = load(a.runs)
-    if a.choose:
-        print(f"{choose(rows, a.choose, a.task, a.k):g}")
+    if a.choose:                                    # "LR", or "LR SCHEDULE" for a non-constant schedule
+        lr, schedule = choose_setting(rows, a.choose, a.task, a.k)
+        print(f"{lr:g}" + ("" if schedule == "constant" else f" {schedule}"))
         return
     print(main_table(rows))
     for steps in a.ablation_steps:

@@ -148,3 +148,92 @@ def test_prefix_and_lowrank_rows_run_and_the_tables_keep_them_apart(data):
     names = {qr.method_of(r) for r in rows + low}
     assert names == {"mezo-prefix", "mezo-full lowrank r=1", "mezo-full lowrank r=4"}
     assert all(qr.is_main(r) for r in rows + low)
+
+
+@pytest.mark.parametrize("method", ["mezo-lora", "bp-lora"])
+def test_a_linear_schedule_decays_to_zero_at_the_largest_budget(data, method, monkeypatch):
+    """--schedule linear: the lr factor is 1 - t / T with T the steps of the largest budget (0.2 min = 6 steps of
+    2 s), so the last step runs at lr / 6 and a run without selection would end where the factor reaches 0."""
+    seen = []
+    real = bq.Learner.step
+
+    def spy(self, batch):
+        lr = (self.opt.lr_at(self.opt.step_count, 0) if method.startswith("mezo")
+              else self.opt.param_groups[0]["lr"])
+        seen.append(lr)
+        return real(self, batch)
+    monkeypatch.setattr(bq.Learner, "step", spy)
+    rows = bq.run(args(data, "--method", method, "--budgets-min", "0.1", "0.2", "--lr", "6e-3",
+                       "--schedule", "linear"))
+    assert [r["schedule"] for r in rows] == ["linear", "linear"]
+    assert seen == pytest.approx([6e-3 * (1 - t / 6) for t in range(6)])
+    seen.clear()
+    bq.run(args(data, "--method", method, "--budgets-min", "0.1", "--lr", "6e-3"))
+    assert seen == pytest.approx([6e-3] * 3)                       # constant: the default
+
+
+def test_rows_are_written_as_each_budget_is_scored(data, tmp_path, monkeypatch):
+    """A long run that is stopped keeps the rows of the budgets it reached: each row is appended when scored."""
+    out = tmp_path / "runs.jsonl"
+    written = []
+    real = bq.eval_best
+
+    def eval_and_look(*a, **kw):                       # what the file holds when the next budget is being scored
+        written.append(len(out.read_text().splitlines()) if out.exists() else 0)
+        return real(*a, **kw)
+    monkeypatch.setattr(bq, "eval_best", eval_and_look)
+    bq.main(["--model", "tiny-llama", "--data-dir", data, "--k", "4", "--batch-size", "4", "--step-seconds", "2",
+             "--eval-every", "4", "--method", "mezo-lora", "--budgets-min", "0.1", "0.2", "--out", str(out)])
+    assert written == [0, 1]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["budget_min"] for r in rows] == [0.1, 0.2] and all(r["wall_s"] >= 0 for r in rows)
+    bq.main(["--model", "tiny-llama", "--data-dir", data, "--k", "4", "--method", "zeroshot", "--out", str(out)])
+    assert json.loads(out.read_text().splitlines()[-1])["method"] == "zeroshot"
+
+
+def test_the_choice_covers_the_schedule_and_the_tables_keep_schedules_apart(capsys, tmp_path):
+    def row(lr, schedule, dev_acc, budget=60, seed=0):
+        r = {"method": "mezo-lora", "task": "sst2", "k": 16, "seed": seed, "lr": lr, "eps": 1e-2, "objective": "ce",
+             "distribution": "gaussian", "n_directions": 1, "budget_min": budget, "steps": 5, "fe": 10.0,
+             "dev": {"accuracy": dev_acc, "loss": 0.5}, "test": {"accuracy": 0.7}}
+        return r if schedule is None else dict(r, schedule=schedule)
+    rows = [row(1e-3, None, 0.70), row(2e-3, "linear", 0.80), row(1e-3, "linear", 0.75), row(2e-3, None, 0.9, 30)]
+    assert qr.choose_setting(rows, "mezo-lora", "sst2", 16) == (2e-3, "linear")
+    assert qr.choose(rows, "mezo-lora", "sst2", 16) == 2e-3
+    assert qr.method_of(rows[1]) == "mezo-lora (linear)" and qr.method_of(rows[0]) == "mezo-lora"
+    table = qr.main_table(rows)
+    assert "| mezo-lora (linear) | 0.002 |" in table and "| mezo-lora | 0.002 |" in table
+    rows += [row(2e-3, "linear", 0.5, seed=1), row(1e-3, None, 0.5, seed=1), row(1e-3, None, 0.5, seed=2)]
+    assert qr.seeded_setting(rows, "mezo-lora", "sst2", 16) == (1e-3, "constant")
+    p = tmp_path / "runs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    qr.main([str(p), "--choose", "mezo-lora"])
+    assert capsys.readouterr().out.strip() == "0.002 linear"
+
+
+def test_a_run_recorded_twice_counts_once(tmp_path):
+    """A phase started again after an interruption records the budgets its first try reached once more: the
+    tables count that run once (else it would pose as a second seed)."""
+    def row(seed, budget, acc):
+        return {"method": "mezo-lora", "task": "rte", "k": 16, "seed": seed, "lr": 1e-3, "eps": 1e-2,
+                "objective": "ce", "distribution": "gaussian", "n_directions": 1, "budget_min": budget, "steps": 5,
+                "fe": 10.0, "max_length": 128, "dev": {"accuracy": 0.5, "loss": 1.0}, "test": {"accuracy": acc}}
+    p = tmp_path / "runs.jsonl"
+    rows = [row(0, 5, 0.40), row(0, 5, 0.40), row(0, 10, 0.50), row(1, 5, 0.60), row(1, 10, 0.70)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = qr.load(p)
+    assert len(loaded) == 4
+    line = next(x for x in qr.main_table(loaded).splitlines() if "mezo-lora" in x)
+    assert "| 50.0 ± 14.1 (5, 10) | 60.0 ± 14.1 (5, 10) | 2 |" in line     # with the duplicate: 46.7 ± 11.5
+
+
+def test_a_low_rank_family_is_chosen_within_itself():
+    def row(lr, dev_acc, **kw):
+        return {"method": "mezo-full", "task": "sst2", "k": 16, "seed": 0, "lr": lr, "eps": 1e-3, "objective": "ce",
+                "distribution": "gaussian", "n_directions": 1, "budget_min": 30, "steps": 5, "fe": 10.0,
+                "dev": {"accuracy": dev_acc, "loss": 0.5}, "test": {"accuracy": 0.7}, **kw}
+    rows = [row(1e-4, 0.9), row(3e-4, 0.6, distribution="lowrank", lowrank_r=1),
+            row(1e-4, 0.5, distribution="lowrank", lowrank_r=1), row(1e-5, 0.99, distribution="lowrank", lowrank_r=4)]
+    assert qr.choose(rows, "mezo-full lowrank r=1", "sst2", 16) == 3e-4      # not Gaussian's 0.9, nor r = 4's
+    assert qr.choose(rows, "mezo-full", "sst2", 16) == 1e-4
+    assert qr.choose(rows, "mezo-full lowrank r=4", "sst2", 16) == 1e-5
