@@ -19,7 +19,8 @@ import sys
 # The reader's order: (topic, section keys). A section key is the text of its "## " heading.
 GROUPS = [
     ("Summary", ["Summary"]),
-    ("Quality", ["demo-sst2-smollm2", "quality-smollm2", "hf-trainer-sst2-smollm2"]),
+    ("Quality", ["demo-sst2-smollm2", "quality-smollm2", "quality-60min-sst2", "quality-rte",
+                 "quality-lowrank-sst2", "hf-trainer-sst2-smollm2"]),
     ("Step time", ["step-cpu", "step-cpu-perturb", "step-cpu-lowrank"]),
     ("Memory", ["step-cpu-perturb-1b", "virtual-transient-cpu", "scale-cpu"]),
     ("Kernels", ["perturb-cpu", "drift", "codegen-sm90", "cpu-under-load"]),

@@ -237,3 +237,32 @@ def test_a_low_rank_family_is_chosen_within_itself():
     assert qr.choose(rows, "mezo-full lowrank r=1", "sst2", 16) == 3e-4      # not Gaussian's 0.9, nor r = 4's
     assert qr.choose(rows, "mezo-full", "sst2", 16) == 1e-4
     assert qr.choose(rows, "mezo-full lowrank r=4", "sst2", 16) == 1e-5
+
+
+def test_a_study_section_shows_the_dev_choices_and_the_gap(tmp_path):
+    import quality_section as qs
+
+    def row(method, lr, seed, budget, dev_acc, acc, schedule="constant"):
+        return {"method": method, "task": "sst2", "k": 16, "seed": seed, "lr": lr, "eps": 1e-2, "objective": "ce",
+                "distribution": "gaussian", "n_directions": 1, "budget_min": budget, "steps": 10, "fe": 20.0,
+                "schedule": schedule, "best_step": 7, "dev": {"accuracy": dev_acc, "loss": 0.5, "n": 32},
+                "test": {"accuracy": acc}}
+    rows = [row("mezo-lora", 1e-3, 0, 60, 0.70, 0.60), row("mezo-lora", 2e-3, 0, 60, 0.80, 0.70, "linear"),
+            row("mezo-lora", 2e-3, 0, 15, 0.60, 0.65, "linear"), row("mezo-lora", 2e-3, 1, 60, 0.5, 0.74, "linear"),
+            row("bp-lora", 1e-4, 0, 60, 0.90, 0.80), row("bp-lora", 1e-4, 0, 15, 0.90, 0.78)]
+    choice = qs.choice_table(rows, "sst2", 16).splitlines()
+    assert len(choice) == 2 + 3                               # 60-minute rows only: two MeZO settings, one backprop
+    chosen = [line for line in choice if "**yes**" in line]
+    assert [line.split(" | ")[:3] for line in chosen] == [["| bp-lora", "0.0001", "constant"],
+                                                         ["| mezo-lora", "0.002", "linear"]]
+    gap = qs.gap_table(rows, "mezo-lora", "bp-lora", "sst2", 16).splitlines()
+    assert gap[2] == "| 15 | 65.0 (1) | 78.0 (1) | +13.0 |"
+    assert gap[3] == "| 60 | 72.0 ± 2.8 (2) | 80.0 (1) | +8.0 |"   # MeZO at the setting taken to two seeds
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Summary\n\ntext\n")
+    qs.main([str(runs), "--section", "quality-test", "--compare", "mezo-lora", "bp-lora", "--results", str(results)])
+    text = results.read_text()
+    assert "<!-- quality-test -->" in text and "| 60 | 72.0 ± 2.8 (2) | 80.0 (1) | +8.0 |" in text
+    assert (tmp_path / "csv" / "quality-test.csv").exists()
