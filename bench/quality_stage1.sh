@@ -13,23 +13,11 @@
 #   DATA=../shared/data bash bench/quality_stage1.sh seeds-mezo S # seed S at the dev choice
 #   DATA=../shared/data bash bench/quality_stage1.sh seeds-bp S
 #   .venv/bin/python bench/quality_report.py bench/out/quality/stage1.jsonl
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-DATA=${DATA:-../shared/data}
-OUT=${OUT:-bench/out/quality}
-RUNS=$OUT/stage1.jsonl
+STAGE=stage1
+source "$(dirname "$0")/quality_lane.sh"
 # bench_quality.py --measure --method mezo-lora bp-lora --dtype auto --measure-steps 10 on the quiet box, 2 threads,
 # 2026-12-07 (bf16 chosen by auto): forward 0.3135 s, MeZO-LoRA step 0.6744 s, backprop-LoRA step 1.2379 s
 FWD=0.3135 MEZO_LORA=0.6744 BP_LORA=1.2379
-mkdir -p "$OUT/logs"
-
-q() {  # q NAME ARGS...: one run, its stderr in logs/NAME.log; skipped once logs/NAME.done exists
-  local name=$1; shift
-  if [ -f "$OUT/logs/$name.done" ]; then return 0; fi
-  $PY bench/bench_quality.py --threads 1 --data-dir "$DATA" --out "$RUNS" --dtype auto "$@" \
-      >"$OUT/logs/$name.out" 2>"$OUT/logs/$name.log" && touch "$OUT/logs/$name.done"
-}
 chosen() {  # chosen METHOD: "LR [SCHEDULE]", the seed-0 dev choice at the 60-minute budget
   $PY bench/quality_report.py "$RUNS" --choose "$1" --task sst2 --k 16
 }

@@ -11,12 +11,8 @@
 #   DATA=../shared/data bash bench/quality_stage3.sh grid bp
 #   DATA=../shared/data bash bench/quality_stage3.sh seeds KIND S    # KIND at its dev-chosen lr, seed S
 #   .venv/bin/python bench/quality_report.py bench/out/quality/stage3.jsonl
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-DATA=${DATA:-../shared/data}
-OUT=${OUT:-bench/out/quality}
-RUNS=$OUT/stage3.jsonl
+STAGE=stage3
+source "$(dirname "$0")/quality_lane.sh"
 # bench_quality.py --measure --measure-steps 10 --dtype auto --eps 1e-3 on the quiet box, 2 threads, 2026-12-07
 # (bf16): forward 0.3141 s; MeZO full-parameter steps: Gaussian 1.0817 s, low-rank r = 1 0.9194 s, r = 4 0.9389 s.
 # Backprop full-parameter fp32: BP_FULL (bench/out/quality/measure-stages.jsonl; 3.51 s on 2026-11-30).
@@ -27,8 +23,6 @@ declare -A ARGS=([gaussian]="--method mezo-full --eps 1e-3"
                  [r4]="--method mezo-full --eps 1e-3 --distribution lowrank --lowrank-r 4"
                  [bp]="--method bp-full --dtype float32 --eval-every 45 --patience 300")
 declare -A LRS=([gaussian]="3e-5 1e-4 3e-4" [r1]="3e-5 1e-4 3e-4" [r4]="3e-5 1e-4 3e-4" [bp]="1e-5 3e-5 1e-4")
-mkdir -p "$OUT/logs"
-
 budgets() {  # budgets KIND: 5 10 30 minutes, and for low-rank the minutes that buy Gaussian's step counts
   $PY - "${STEP[$1]}" "${STEP[gaussian]}" "$1" <<'PY'
 import math, sys
@@ -44,13 +38,6 @@ train() {  # train KIND LR SEED
   q s3-$1-$2-s$3 ${ARGS[$1]} --lr "$2" --seed "$3" --step-seconds "${STEP[$1]}" --sec-per-fe $FWD \
       --budgets-min $(budgets "$1")
 }
-q() {  # q NAME ARGS...: one run, its stderr in logs/NAME.log; skipped once logs/NAME.done exists
-  local name=$1; shift
-  if [ -f "$OUT/logs/$name.done" ]; then return 0; fi
-  $PY bench/bench_quality.py --threads 1 --data-dir "$DATA" --out "$RUNS" --dtype auto "$@" \
-      >"$OUT/logs/$name.out" 2>"$OUT/logs/$name.log" && touch "$OUT/logs/$name.done"
-}
-
 case "${1:-}" in
 grid)  for lr in ${LRS[$2]}; do train "$2" "$lr" 0; done ;;
 seeds) declare -A NAME=([gaussian]="mezo-full" [r1]="mezo-full lowrank r=1" [r4]="mezo-full lowrank r=4"
